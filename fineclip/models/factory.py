@@ -1,0 +1,105 @@
+"""Create a FineCLIPModel from an open_clip model name and an optional local checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+from fineclip.models.fineclip_model import FineCLIPModel
+
+log = logging.getLogger(__name__)
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_CONFIG_DIR)
+
+
+class CheckpointError(RuntimeError):
+    """A weights file that is missing or cannot be read."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of an open_clip checkpoint or of a fineclip training checkpoint, as open_clip keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]  # fineclip training checkpoint
+    elif isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]  # open_clip training checkpoint
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    state = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "clip."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        state[key] = value
+    return state
+
+
+def _resize_timm_pos_embed(state: dict, clip: torch.nn.Module) -> None:
+    key = "visual.trunk.pos_embed"
+    trunk = getattr(clip.visual, "trunk", None)
+    if key not in state or trunk is None or getattr(trunk, "pos_embed", None) is None:
+        return
+    if state[key].shape == trunk.pos_embed.shape:
+        return
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(trunk, "no_embed_class", False) else trunk.num_prefix_tokens
+    log.info("resizing position embedding %s -> %s", tuple(state[key].shape), tuple(trunk.pos_embed.shape))
+    state[key] = resample_abs_pos_embed(
+        state[key], new_size=trunk.patch_embed.grid_size, num_prefix_tokens=prefix, interpolation="bicubic"
+    )
+
+
+def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> None:
+    """Load weights into an open_clip model, interpolating position embeddings (bicubic) when the
+    model was created at another image size than the checkpoint."""
+    state = read_state_dict(path)
+    resize_pos_embed(state, clip)
+    resize_text_pos_embed(state, clip)
+    _resize_timm_pos_embed(state, clip)
+    try:
+        clip.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {err}") from err
+
+
+def create_model(
+    name: str,
+    checkpoint: str | None = None,
+    image_size: int | None = None,
+    freeze_text: bool = True,
+    crop_scale: float = 1.5,
+    init_logit_scale: float = math.log(100),
+) -> FineCLIPModel:
+    """Build ``name`` (any open_clip model with a ViT image tower) with random weights, load a
+    local ``checkpoint`` if given, and wrap it. Never downloads anything.
+
+    The logit scale θ starts at ``init_logit_scale`` (ln 100) unless the checkpoint brings one.
+    """
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+    clip = open_clip.create_model(name, pretrained=None, force_image_size=image_size)
+    with torch.no_grad():
+        clip.logit_scale.fill_(init_logit_scale)
+    if checkpoint:
+        load_clip_weights(clip, checkpoint)
+    cfg = clip.visual.preprocess_cfg if hasattr(clip.visual, "preprocess_cfg") else {}
+    return FineCLIPModel(
+        clip,
+        open_clip.get_tokenizer(name),
+        freeze_text=freeze_text,
+        crop_scale=crop_scale,
+        mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
+        std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
+    )

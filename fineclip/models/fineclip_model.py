@@ -1,0 +1,163 @@
+"""FineCLIPModel: an open_clip CLIP model plus what the method needs around it.
+
+One trunk pass gives both the global image embedding and the dense feature map; regions are pooled
+from the dense map with RoIAlign and cropped from the batch on the device; the (frozen by default)
+text tower is cached. Every loss asks for the features it needs by name (see ``FEATURES``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fineclip.models.regions import crop_regions, enlarge_boxes, pool_regions
+from fineclip.models.text_cache import TextEmbeddingCache
+from fineclip.models.towers import make_tower_adapter
+
+FEATURES = ("image_emb", "text_emb", "region_emb", "crop_emb", "region_text_emb", "dense")
+
+
+class FineCLIPModel(nn.Module):
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer,
+        *,
+        freeze_text: bool = True,
+        crop_scale: float = 1.5,
+        mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+        std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.tower = make_tower_adapter(clip.visual)
+        size = clip.visual.image_size
+        self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
+        self.crop_scale = crop_scale
+        self.freeze_text = freeze_text
+        self.text_cache = TextEmbeddingCache()
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        if freeze_text:
+            for name, param in self.clip.named_parameters():
+                if not name.startswith("visual.") and not name.startswith("logit_"):
+                    param.requires_grad_(False)
+
+    # -- images -------------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.tower.patch_size[0], self.image_size[1] // self.tower.patch_size[1])
+
+    def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) in [0, 255] or float in [0, 1] -> CLIP-normalised float."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Global embedding v of normalised pixels through the usual CLIP path, L2-normalised."""
+        return F.normalize(self.clip.encode_image(pixels), dim=-1)
+
+    def encode_image_dense(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One trunk pass -> (v (B, D) normalised, X (B, D, h, w) with each token normalised).
+
+        The blocks before the last run once; then the normal last block gives v and the value-path
+        last block (attention replaced by out_proj(V(ln_1 x))) gives the dense tokens.
+        """
+        x, ctx = self.tower.trunk(pixels)
+        image_emb = F.normalize(self.tower.global_head(self.tower.last_block(x, ctx, value_only=False)), dim=-1)
+        tokens = F.normalize(self.tower.dense_head(self.tower.last_block(x, ctx, value_only=True)), dim=-1)
+        h, w = pixels.shape[-2] // self.tower.patch_size[0], pixels.shape[-1] // self.tower.patch_size[1]
+        dense = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        return image_emb, dense
+
+    def pool_regions(self, dense: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        return pool_regions(dense, regions, self.image_size)
+
+    def crop_regions(self, pixels: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """Crops of the regions enlarged by ``crop_scale``, resized to the model's image size."""
+        boxes = enlarge_boxes(regions, self.crop_scale, self.image_size)
+        return crop_regions(pixels, boxes, self.image_size[0])
+
+    # -- text ---------------------------------------------------------------------------------
+    def _encode_tokens(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.pixel_mean.device)
+        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised text embeddings (N, D); cached when the text tower is frozen."""
+        if len(texts) == 0:
+            return self.pixel_mean.new_zeros((0, self.embed_dim))
+        if self.freeze_text:
+            return self.text_cache.lookup(texts, self._encode_tokens)
+        return self._encode_tokens(list(texts))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.text_projection.shape[1] if hasattr(self.clip, "text_projection") else self.clip.text.output_dim
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """s = exp(θ), the learnable inverse temperature shared by the contrastive losses."""
+        return self.clip.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_value: float = math.log(100)) -> None:
+        self.clip.logit_scale.clamp_(0, max_value)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.text_cache.clear()  # cached embeddings belong to the old weights
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_text and mode:
+            for name, module in self.clip.named_children():
+                if name not in ("visual",):
+                    module.eval()
+        return self
+
+    # -- the training forward -------------------------------------------------------------------
+    def forward(
+        self,
+        images: torch.Tensor,
+        captions: Sequence[str],
+        regions: torch.Tensor,
+        region_captions: Sequence[str],
+        need: Collection[str] = FEATURES,
+    ) -> dict[str, torch.Tensor]:
+        """Compute only the features named in ``need`` (a subset of ``FEATURES``)."""
+        unknown = set(need) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown features {sorted(unknown)}; known: {FEATURES}")
+        pixels = self.normalize_pixels(images)
+        out: dict[str, torch.Tensor] = {"logit_scale": self.logit_scale}
+        if {"region_emb", "dense"} & set(need):
+            out["image_emb"], dense = self.encode_image_dense(pixels)
+            out["region_emb"] = self.pool_regions(dense, regions)
+            if "dense" in need:
+                out["dense"] = dense
+        elif "image_emb" in need:
+            out["image_emb"] = self.encode_image(pixels)
+        if "crop_emb" in need:
+            if len(regions):
+                out["crop_emb"] = self.encode_image(self.crop_regions(pixels, regions))
+            else:
+                out["crop_emb"] = pixels.new_zeros((0, self.embed_dim))
+        texts: list[str] = []
+        if "text_emb" in need:
+            texts += list(captions)
+        if "region_text_emb" in need:
+            texts += list(region_captions)
+        if texts:
+            text_emb = self.encode_text(texts)
+            if "text_emb" in need:
+                out["text_emb"], text_emb = text_emb[: len(captions)], text_emb[len(captions) :]
+            if "region_text_emb" in need:
+                out["region_text_emb"] = text_emb
+        return out

@@ -1,0 +1,126 @@
+"""Adapters that split an open_clip image tower into "all blocks but the last" and the last block.
+
+FineCLIP needs two outputs from one trunk pass: the global embedding (normal last block) and dense
+features (value-path last block, CLIPSelf-style). Both open_clip tower kinds are covered:
+``VisionTransformer`` (e.g. ``ViT-B-16``) and ``TimmModel`` around a timm ``Eva`` (e.g.
+``EVA02-B-16``). The value path is obtained by running the *unchanged* last block with an identity
+attention mask: each token attends only to itself, so softmax(q·kᵀ + mask) = I and the attention
+output is out_proj(V(ln_1(x))) exactly, followed by the block's usual MLP residual.
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+
+def identity_attention_mask(num_tokens: int, device, dtype) -> torch.Tensor:
+    """Additive mask (N, N): 0 on the diagonal, -inf elsewhere."""
+    mask = torch.full((num_tokens, num_tokens), float("-inf"), device=device, dtype=dtype)
+    return mask.fill_diagonal_(0.0)
+
+
+class TowerAdapter:
+    """Common interface: ``trunk`` runs all blocks but the last; heads finish either branch.
+
+    A plain object holding a reference to the tower (not a submodule, so that the weights appear
+    once in the state dict, under the open_clip model).
+    """
+
+    visual: nn.Module
+    patch_size: tuple[int, int]
+
+    def trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def last_block(self, x: torch.Tensor, ctx: dict, value_only: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def global_head(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + projection of every patch token (prefix tokens dropped): (B, N, D)."""
+        raise NotImplementedError
+
+
+class OpenCLIPViTAdapter(TowerAdapter):
+    def __init__(self, visual: VisionTransformer):
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ValueError("towers with attentional pooling have no per-token projection")
+        if getattr(visual.patch_dropout, "prob", 0.0) > 0:
+            raise ValueError("patch dropout removes tokens that the dense features need")
+        if not visual.transformer.batch_first:
+            raise ValueError("only batch-first open_clip transformers are supported")
+        self.visual = visual
+        self.patch_size = tuple(visual.patch_size)
+
+    def trunk(self, images):
+        x = self.visual._embeds(images)
+        for block in self.visual.transformer.resblocks[:-1]:
+            x = block(x)
+        return x, {}
+
+    def last_block(self, x, ctx, value_only):
+        block = self.visual.transformer.resblocks[-1]
+        if not value_only:
+            return block(x)
+        return block(x, attn_mask=identity_attention_mask(x.shape[1], x.device, x.dtype))
+
+    def global_head(self, x):
+        pooled, _ = self.visual._pool(x)
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+
+    def dense_head(self, x):
+        tokens = self.visual.ln_post(x[:, 1:])
+        return tokens @ self.visual.proj if self.visual.proj is not None else tokens
+
+
+class TimmEvaAdapter(TowerAdapter):
+    def __init__(self, visual: TimmModel):
+        trunk = visual.trunk
+        if not hasattr(trunk, "_pos_embed") or not hasattr(trunk, "blocks"):
+            raise ValueError(f"unsupported timm trunk {type(trunk).__name__}: needs a ViT/Eva trunk")
+        if getattr(trunk, "rope_mixed", False):
+            raise ValueError("depth-dependent (mixed) rotary embeddings are not supported")
+        self.visual = visual
+        self.patch_size = tuple(trunk.patch_embed.patch_size)
+
+    def trunk(self, images):
+        trunk = self.visual.trunk
+        x = trunk.patch_embed(images)
+        x, rope = trunk._pos_embed(x)
+        x = trunk.norm_pre(x)
+        kwargs = {"rope": rope} if rope is not None else {}
+        for block in trunk.blocks[:-1]:
+            x = block(x, **kwargs)
+        return x, kwargs
+
+    def last_block(self, x, ctx, value_only):
+        block = self.visual.trunk.blocks[-1]
+        if not value_only:
+            return block(x, **ctx)
+        mask = identity_attention_mask(x.shape[1], x.device, x.dtype)
+        return block(x, attn_mask=mask, **ctx)
+
+    def global_head(self, x):
+        trunk = self.visual.trunk
+        return self.visual.head(trunk.forward_head(trunk.norm(x)))
+
+    def dense_head(self, x):
+        trunk = self.visual.trunk
+        tokens = trunk.norm(x)[:, trunk.num_prefix_tokens :]
+        return self.visual.head(trunk.head(trunk.fc_norm(tokens)))
+
+
+def make_tower_adapter(visual: nn.Module) -> TowerAdapter:
+    if isinstance(visual, VisionTransformer):
+        return OpenCLIPViTAdapter(visual)
+    if isinstance(visual, TimmModel):
+        return TimmEvaAdapter(visual)
+    raise ValueError(
+        f"image tower {type(visual).__name__} is not a ViT: fineclip needs open_clip's "
+        "VisionTransformer or a timm ViT/Eva trunk (TimmModel)"
+    )

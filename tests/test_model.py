@@ -1,0 +1,196 @@
+import json
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fineclip.losses import FineCLIPLoss
+from fineclip.engine.trainer import training_step
+from fineclip.models import create_model, crop_regions, enlarge_boxes
+
+
+def _images(n=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+@torch.no_grad()
+def test_global_path_of_shared_trunk_equals_open_clip_encode_image(tiny_model):
+    pixels = tiny_model.normalize_pixels(_images())
+    image_emb, dense = tiny_model.encode_image_dense(pixels)
+    reference = F.normalize(tiny_model.clip.encode_image(pixels), dim=-1)
+    torch.testing.assert_close(image_emb, reference, rtol=1e-5, atol=1e-6)
+    assert dense.shape == (2, 64, 8, 8)
+    torch.testing.assert_close(dense.norm(dim=1), torch.ones(2, 8, 8))
+
+
+@torch.no_grad()
+def test_value_path_dense_features_match_hand_computation(tiny_model):
+    visual = tiny_model.clip.visual
+    pixels = tiny_model.normalize_pixels(_images())
+    # hand computation: every block but the last as usual, then x + out_proj(V(ln_1 x)) + MLP residual
+    x = visual._embeds(pixels)
+    for block in visual.transformer.resblocks[:-1]:
+        x = block(x)
+    last = visual.transformer.resblocks[-1]
+    width = x.shape[-1]
+    w_v = last.attn.in_proj_weight[2 * width :]
+    b_v = last.attn.in_proj_bias[2 * width :]
+    y = x + last.attn.out_proj(F.linear(last.ln_1(x), w_v, b_v))
+    y = y + last.mlp(last.ln_2(y))
+    tokens = F.normalize(visual.ln_post(y[:, 1:]) @ visual.proj, dim=-1)
+    expected = tokens.transpose(1, 2).reshape(2, -1, 8, 8)
+    _, dense = tiny_model.encode_image_dense(pixels)
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-5)
+    # and it is not what the plain last block gives
+    plain = F.normalize(visual.ln_post(last(x)[:, 1:]) @ visual.proj, dim=-1).transpose(1, 2).reshape(2, -1, 8, 8)
+    assert (plain - dense).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_eva_tower_value_path_matches_hand_computation(tmp_path):
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "timm_model_name": "eva02_tiny_patch14_224", "timm_model_pretrained": False,
+                       "timm_pool": "token", "timm_proj": None},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+        "custom_text": True,
+    }
+    (tmp_path / "test-eva-tiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(0)
+    model = create_model("test-eva-tiny").eval()
+    trunk = model.clip.visual.trunk
+    size = trunk.patch_embed.img_size[0]
+    pixels = torch.randn(2, 3, size, size)
+    image_emb, dense = model.encode_image_dense(pixels)
+    torch.testing.assert_close(image_emb, F.normalize(model.clip.encode_image(pixels), dim=-1), rtol=1e-4, atol=1e-5)
+    # hand computation of the value-only last block of timm's Eva
+    x = trunk.patch_embed(pixels)
+    x, rope = trunk._pos_embed(x)
+    x = trunk.norm_pre(x)
+    for block in trunk.blocks[:-1]:
+        x = block(x, rope=rope)
+    last = trunk.blocks[-1]
+    attn = last.attn
+    h = last.norm1(x)
+    if attn.qkv is not None:
+        dim = h.shape[-1]
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else attn.qkv.bias
+        v = F.linear(h, attn.qkv.weight[2 * dim :], bias[2 * dim :] if bias is not None else None)
+    else:
+        v = attn.v_proj(h)
+    out = attn.proj(attn.norm(v))
+    y = x + (last.gamma_1 * out if last.gamma_1 is not None else out)
+    m = last.mlp(last.norm2(y))
+    y = y + (last.gamma_2 * m if last.gamma_2 is not None else m)
+    tokens = trunk.norm(y)[:, trunk.num_prefix_tokens :]
+    tokens = F.normalize(model.clip.visual.head(trunk.head(trunk.fc_norm(tokens))), dim=-1)
+    grid = size // trunk.patch_embed.patch_size[0]
+    torch.testing.assert_close(dense, tokens.transpose(1, 2).reshape(2, -1, grid, grid), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_pooling_a_grid_aligned_box_is_the_normalised_token_mean(tiny_model):
+    pixels = tiny_model.normalize_pixels(_images())
+    _, dense = tiny_model.encode_image_dense(pixels)
+    # patch 8: pixels x 8..24, y 16..40 cover token columns 1..2 and rows 2..4 of image 1
+    regions = torch.tensor([[1.0, 8.0, 16.0, 24.0, 40.0], [0.0, 0.0, 0.0, 64.0, 64.0]])
+    pooled = tiny_model.pool_regions(dense, regions)
+    expected0 = F.normalize(dense[1, :, 2:5, 1:3].mean(dim=(1, 2)), dim=0)
+    expected1 = F.normalize(dense[0].mean(dim=(1, 2)), dim=0)
+    torch.testing.assert_close(pooled[0], expected0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled[1], expected1, rtol=1e-5, atol=1e-6)
+
+
+def test_crops_equal_reference_crop_and_resize():
+    images = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    # a crop already of the output size is the pixels themselves
+    same = crop_regions(images, torch.tensor([[1, 10, 20, 42, 52.0]], dtype=torch.float64), 32)
+    torch.testing.assert_close(same[0], images[1, :, 20:52, 10:42])
+    # shrinking by 2 averages 2x2 pixel blocks
+    half = crop_regions(images, torch.tensor([[0, 0, 0, 64, 64.0]], dtype=torch.float64), 32)
+    torch.testing.assert_close(half[0], F.avg_pool2d(images[0:1], 2)[0])
+    # enlarging: bilinear resize of the cut-out pixels (compare away from the border, where
+    # RoIAlign may also read the pixels just outside the box)
+    up = crop_regions(images, torch.tensor([[0, 8, 4, 24, 20.0]], dtype=torch.float64), 64)
+    ref = F.interpolate(images[0:1, :, 4:20, 8:24], size=(64, 64), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(up[0, :, 2:-2, 2:-2], ref[:, 2:-2, 2:-2])
+
+
+def test_enlarged_boxes_are_scaled_about_the_centre_and_clipped():
+    boxes = torch.tensor([[0, 10, 10, 30, 20.0], [1, 0, 0, 20, 20.0]])
+    out = enlarge_boxes(boxes, 1.5, (64, 64))
+    torch.testing.assert_close(out[0], torch.tensor([0, 5.0, 7.5, 35.0, 22.5]))
+    torch.testing.assert_close(out[1], torch.tensor([1, 0.0, 0.0, 25.0, 25.0]))
+
+
+def test_model_crops_use_enlarged_boxes(tiny_model):
+    pixels = torch.rand(1, 3, 64, 64)
+    regions = torch.tensor([[0, 16, 16, 32, 48.0]])
+    expected = crop_regions(pixels, torch.tensor([[0, 12, 8, 36, 56.0]]), 64)
+    torch.testing.assert_close(tiny_model.crop_regions(pixels, regions), expected)
+
+
+def _batch():
+    return {
+        "images": _images(3),
+        "captions": ["a red circle", "a blue square", "two shapes"],
+        "regions": torch.tensor([[0, 4, 4, 30, 30.0], [0, 30, 30, 60, 60], [2, 10, 10, 40, 50]]),
+        "region_captions": ["red circle", "blue square", "green cross"],
+    }
+
+
+def test_no_crop_forward_when_self_distillation_is_off(tiny_model, monkeypatch):
+    calls = []
+    original = tiny_model.encode_image
+    monkeypatch.setattr(tiny_model, "encode_image", lambda pixels: calls.append(pixels.shape) or original(pixels))
+    training_step(tiny_model, FineCLIPLoss(sd_weight=0.0), _batch())
+    assert calls == []
+    training_step(tiny_model, FineCLIPLoss(sd_weight=1.0), _batch())
+    assert calls == [torch.Size([3, 3, 64, 64])]  # one batched forward of the 3 crops
+
+
+def test_frozen_text_tower_is_cached_and_not_trained(frozen_text_model):
+    model = frozen_text_model
+    text_params = [p for n, p in model.clip.named_parameters() if not n.startswith("visual.") and "logit" not in n]
+    assert text_params and not any(p.requires_grad for p in text_params)
+    first = model.encode_text(["a red circle", "a blue square", "a red circle"])
+    assert model.text_cache.encoded == 2
+    again = model.encode_text(["a blue square", "a red circle"])
+    assert model.text_cache.encoded == 2
+    torch.testing.assert_close(again, first[[1, 0]])
+    direct = F.normalize(model.clip.encode_text(model.tokenizer(["a blue square"])), dim=-1)
+    torch.testing.assert_close(again[0], direct[0], rtol=1e-5, atol=1e-6)
+    loss, _ = training_step(model, FineCLIPLoss(), _batch())
+    loss.backward()
+    assert all(p.grad is None for p in text_params)
+    assert model.clip.visual.conv1.weight.grad.abs().sum() > 0
+
+
+def test_position_embeddings_are_interpolated_bicubic_for_another_size(tmp_path, tiny_model):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_model.clip.state_dict(), path)
+    bigger = create_model("fineclip-tiny", checkpoint=str(path), image_size=96)
+    old = tiny_model.clip.visual.positional_embedding.detach()
+    grid = old[1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False)
+    expected = torch.cat([old[:1], expected.permute(0, 2, 3, 1).reshape(144, -1)])
+    torch.testing.assert_close(bigger.clip.visual.positional_embedding.detach(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bigger.clip.visual.conv1.weight, tiny_model.clip.visual.conv1.weight)
+    image_emb, dense = bigger.encode_image_dense(bigger.normalize_pixels(_images(1, 96)))
+    assert dense.shape == (1, 64, 12, 12)
+
+
+def test_logit_scale_starts_at_100_and_is_clamped(tiny_model):
+    assert tiny_model.logit_scale.item() == pytest.approx(100.0, rel=1e-5)
+    with torch.no_grad():
+        tiny_model.clip.logit_scale.fill_(10.0)
+    tiny_model.clamp_logit_scale()
+    assert tiny_model.clip.logit_scale.item() == pytest.approx(math.log(100))
+    with torch.no_grad():
+        tiny_model.clip.logit_scale.fill_(-1.0)
+    tiny_model.clamp_logit_scale()
+    assert tiny_model.clip.logit_scale.item() == 0.0

@@ -1,0 +1,78 @@
+"""End to end through the Hydra entry points, as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fineclip.train import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_one_epoch_through_hydra_then_evaluate_reproduces_the_numbers(tmp_path):
+    run_dir = tmp_path / "run"
+    common = [f"cache_dir={tmp_path / 'cache'}", "data.synthetic.train=48", "data.synthetic.val=12"]
+    train = _run(
+        "fineclip.train", *common, "data.batch_size=16", "trainer.epochs=1", "trainer.log_every=1",
+        "optim.scheduler.warmup_steps=1", "trainer.progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "box classification" in train.stdout and "I2T R@1/5/10" in train.stdout
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    assert checkpoint.is_file()
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "train/loss" in r] == [1, 2, 3]
+    assert {"train/loss_gc", "train/loss_sd", "train/loss_rc"} <= set(lines[0])
+    trained = json.loads((run_dir / "eval.json").read_text())
+
+    out = tmp_path / "eval.json"
+    evaluate = _run(
+        "fineclip.evaluate", *common, f"checkpoint={checkpoint}", f"output={out}",
+        f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert json.loads(out.read_text()) == pytest.approx(trained, abs=1e-6)
+
+
+def test_coco_vitb16_composes_with_the_paper_setting():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+experiment=coco_vitb16"])
+    assert cfg.model.name == "EVA02-B-16" and cfg.model.image_size == 224 and cfg.model.freeze_text
+    assert cfg.optim.optimizer.lr == 1e-5 and cfg.optim.optimizer.weight_decay == 0.1
+    assert list(cfg.optim.optimizer.betas) == [0.9, 0.999] and cfg.optim.optimizer.eps == 1e-8
+    assert cfg.optim.scheduler.warmup_steps == 1000 and cfg.trainer.epochs == 10
+    assert cfg.data.batch_size == 32 and cfg.data.train.max_regions == 20 and cfg.data.train.min_box_area == 64
+    assert (cfg.loss.gc_weight, cfg.loss.sd_weight, cfg.loss.rc_weight) == (1.0, 1.0, 1.0)
+    assert not cfg.loss.detach_teacher
+
+
+def test_coco_vitb16_without_paths_fails_at_once_naming_them(tmp_path):
+    result = _run("fineclip.train", "+experiment=coco_vitb16", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1
+    message = result.stdout + result.stderr
+    assert "data.root=<path>" in message and "model.checkpoint=<path>" in message
+    assert "Traceback" not in message
+    result = _run(
+        "fineclip.train", "+experiment=coco_vitb16", f"data.root={tmp_path}", "model.checkpoint=/nonexistent/b16.pt",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+    )
+    assert result.returncode == 1 and "/nonexistent/b16.pt   does not exist" in result.stdout + result.stderr
+
+
+def test_every_config_composes():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for experiment in sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")):
+            cfg = compose(config_name="train", overrides=[f"+experiment={experiment}"])
+            assert cfg.name
+        for group in ("data", "model", "loss", "optim", "trainer"):
+            for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
+                compose(config_name="train", overrides=[f"{group}={option}"])
+        compose(config_name="evaluate")
