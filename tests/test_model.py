@@ -176,7 +176,7 @@ def test_position_embeddings_are_interpolated_bicubic_for_another_size(tmp_path,
     bigger = create_model("fineclip-tiny", checkpoint=str(path), image_size=96)
     old = tiny_model.clip.visual.positional_embedding.detach()
     grid = old[1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
-    expected = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False)
+    expected = F.interpolate(grid, size=(12, 12), mode="bicubic", antialias=True, align_corners=False)
     expected = torch.cat([old[:1], expected.permute(0, 2, 3, 1).reshape(144, -1)])
     torch.testing.assert_close(bigger.clip.visual.positional_embedding.detach(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bigger.clip.visual.conv1.weight, tiny_model.clip.visual.conv1.weight)
