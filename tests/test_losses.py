@@ -42,7 +42,8 @@ def test_regional_contrastive_ignores_padding_rows():
     # whatever sits in the padded rows cannot change the loss
     p2 = p.clone()
     p2[~valid] = _unit(2, 8, 9)
-    loss2 = RegionalContrastive()({"region_emb": p2, "region_text_emb": tr, "logit_scale": scale, "region_valid": valid})
+    feats2 = {"region_emb": p2, "region_text_emb": tr, "logit_scale": scale, "region_valid": valid}
+    loss2 = RegionalContrastive()(feats2)
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fineclip.losses import FineCLIPLoss
 from fineclip.engine.trainer import training_step
+from fineclip.losses import FineCLIPLoss
 from fineclip.models import create_model, crop_regions, enlarge_boxes
 
 
@@ -194,3 +194,18 @@ def test_logit_scale_starts_at_100_and_is_clamped(tiny_model):
         tiny_model.clip.logit_scale.fill_(-1.0)
     tiny_model.clamp_logit_scale()
     assert tiny_model.clip.logit_scale.item() == 0.0
+
+
+def test_repeated_captions_are_encoded_once_with_the_same_gradients(tiny_model, monkeypatch):
+    texts = ["a red circle", "a blue square", "a red circle", "a red circle"]
+    weights = torch.randn(4, tiny_model.embed_dim)
+    seen = []
+    original = tiny_model._encode_tokens
+    monkeypatch.setattr(tiny_model, "_encode_tokens", lambda t: seen.append(list(t)) or original(t))
+    (tiny_model.encode_text(texts) * weights).sum().backward()
+    assert seen == [["a red circle", "a blue square"]]
+    grad = tiny_model.clip.text_projection.grad.clone()
+    tiny_model.zero_grad()
+    reference = F.normalize(tiny_model.clip.encode_text(tiny_model.tokenizer(texts)), dim=-1)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(grad, tiny_model.clip.text_projection.grad, rtol=1e-4, atol=1e-6)

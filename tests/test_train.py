@@ -76,3 +76,17 @@ def test_every_config_composes():
             for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
                 compose(config_name="train", overrides=[f"{group}={option}"])
         compose(config_name="evaluate")
+
+
+def test_epoch_checkpoints_are_atomic_pruned_and_load_weights_only(tmp_path):
+    import torch
+
+    from fineclip.engine.checkpoint import load_checkpoint, save_epoch_checkpoint
+
+    for epoch in (1, 2, 3):
+        save_epoch_checkpoint({"epoch": epoch, "w": torch.full((2,), float(epoch))}, tmp_path, epoch, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_002.pt", "epoch_003.pt", "last.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+    (tmp_path / "epoch_003.pt").write_bytes(b"truncated")  # a corrupt file gives a clear error
+    with pytest.raises(RuntimeError, match="epoch_003.pt"):
+        load_checkpoint(tmp_path / "epoch_003.pt")

@@ -138,7 +138,8 @@ def load_region_annotations(
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])
             except (TypeError, ValueError) as err:
-                raise AnnotationError(f"{path}: annotation id={ann['id']} has a malformed bbox {ann['bbox']!r}") from err
+                bad = f"{path}: annotation id={ann['id']} has a malformed bbox {ann['bbox']!r}"
+                raise AnnotationError(bad) from err
             if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
                 stats["empty_box"] += 1
                 continue

@@ -81,7 +81,10 @@ class RegionCaptionDataset(Dataset):
         image = load_image(record.path, record.image_id, self.image_size)
         keep = np.arange(len(record.boxes))
         if len(keep) > self.max_regions:
-            keep = np.sort(rng.choice(keep, self.max_regions, replace=False)) if self.train else keep[: self.max_regions]
+            if self.train:
+                keep = np.sort(rng.choice(keep, self.max_regions, replace=False))
+            else:
+                keep = keep[: self.max_regions]
         scale = np.array(
             [self.image_size[1] / record.width, self.image_size[0] / record.height] * 2, dtype=np.float32
         )

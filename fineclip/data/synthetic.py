@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-VERSION = 3  # bump when the output for a given seed changes
+VERSION = 5  # bump when the output for a given seed changes
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
     "red": (220, 40, 40),
@@ -46,7 +45,7 @@ BACKGROUNDS = {
 }
 BACKGROUND_PATTERNS = ("plain", "noisy", "gradient", "checkered")
 TEXTURES = ("solid", "striped", "dotted")
-SIZES = {"small": (0.22, 0.30), "medium": (0.32, 0.40), "large": (0.42, 0.52)}
+SIZES = {"small": (0.28, 0.36), "medium": (0.38, 0.46), "large": (0.48, 0.58)}
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
 
@@ -59,17 +58,12 @@ class SceneObject:
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
 
     def position(self, image_size: int) -> str:
+        """Where the object's centre lies on a 3x3 grid: "top left", "centre", "right", ..."""
         cx = (self.box[0] + self.box[2]) / 2 / image_size
         cy = (self.box[1] + self.box[3]) / 2 / image_size
-        row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
-        col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "centre"
-        if row == "middle" and col == "centre":
-            return "in the centre"
-        if row == "middle":
-            return f"on the {col}"
-        if col == "centre":
-            return f"at the {row}"
-        return f"in the {row} {col}"
+        row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+        col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+        return f"{row} {col}".strip() or "centre"
 
     def short_phrase(self) -> str:
         texture = "" if self.texture == "solid" else f"{self.texture} "
@@ -98,7 +92,7 @@ def _draw_background(rng: random.Random, size: int, colour: tuple[int, int, int]
     if pattern == "noisy":
         for _ in range(size * size // 6):
             x, y = rng.randrange(size), rng.randrange(size)
-            d = rng.randint(-30, 30)
+            d = rng.randint(-15, 15)
             draw.point((x, y), fill=tuple(max(0, min(255, c + d)) for c in colour))
     elif pattern == "gradient":
         for y in range(size):
@@ -106,7 +100,7 @@ def _draw_background(rng: random.Random, size: int, colour: tuple[int, int, int]
             draw.line([(0, y), (size, y)], fill=tuple(max(0, min(255, int(c * f))) for c in colour))
     elif pattern == "checkered":
         cell = max(4, size // 8)
-        alt = tuple(max(0, min(255, c + 25)) for c in colour)
+        alt = tuple(max(0, min(255, c + 15)) for c in colour)
         for y in range(0, size, cell):
             for x in range(0, size, cell):
                 if (x // cell + y // cell) % 2:
@@ -139,7 +133,8 @@ def _texture_layer(texture: str, colour, box, size: int) -> Image.Image:
     if texture == "solid":
         return layer
     draw = ImageDraw.Draw(layer)
-    dark = tuple(int(c * 0.45) for c in colour) if sum(colour) > 150 else (200, 200, 200)
+    # a mild contrast: the pattern must not hide the silhouette
+    dark = tuple(int(c * 0.7) for c in colour) if sum(colour) > 150 else (90, 90, 90)
     x1, y1, x2, y2 = (int(v) for v in box)
     step = max(3, (x2 - x1) // 5)
     if texture == "striped":
@@ -189,7 +184,7 @@ def _scene_captions(rng: random.Random, objects: list[SceneObject], background: 
     return [
         f"{_join(phrases)} on a {background} background",
         f"{n} shapes on {background}: {_join(shuffled)}",
-        f"a {background} picture with {_join([f'{o.short_phrase()} {o.position(size)}' for o in objects])}",
+        f"on {background}: {_join([f'{o.colour} {o.shape} {o.position(size)}' for o in objects])}",
     ]
 
 

@@ -36,3 +36,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated/corrupt files raise many types
         raise RuntimeError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from err
+
+
+def save_epoch_checkpoint(state: dict[str, Any], folder: str | Path, epoch: int, keep: int = 2) -> Path:
+    """Save ``epoch_NNN.pt``, point ``last.pt`` at it (atomically, a hard link when possible), and
+    delete all but the newest ``keep`` epoch files (``keep`` <= 0 keeps all)."""
+    folder = Path(folder)
+    path = save_checkpoint(state, folder / f"epoch_{epoch:03d}.pt")
+    tmp = folder / ".last.pt.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # file systems without hard links
+        save_checkpoint(state, tmp)
+    os.replace(tmp, folder / "last.pt")
+    if keep > 0:
+        for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
+            old.unlink()
+    return path

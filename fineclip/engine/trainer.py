@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fineclip.data import RegionCaptionDataset, collate_regions
-from fineclip.engine.checkpoint import save_checkpoint
+from fineclip.engine.checkpoint import save_epoch_checkpoint
 from fineclip.engine.metrics_log import MetricsLogger
 from fineclip.eval import evaluate, format_metrics
 from fineclip.losses import CompositeLoss
@@ -142,7 +142,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                 )
                 tick, seen = time.perf_counter(), 0
         bar.close()
-        save_checkpoint(
+        save_epoch_checkpoint(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -151,10 +151,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                 "step": step,
                 "config": OmegaConf.to_container(cfg, resolve=True),
             },
-            run_dir / "checkpoints" / "last.pt",
+            run_dir / "checkpoints",
+            epoch + 1,
+            keep=tcfg.keep_checkpoints,
         )
         if tcfg.eval_every and val_set is not None and (epoch + 1) % tcfg.eval_every == 0 and epoch + 1 < tcfg.epochs:
-            logger.log(step, {f"val/{k}": v for k, v in run_evaluation(model, val_set, cfg, device).items()}, epoch=epoch)
+            metrics = run_evaluation(model, val_set, cfg, device)
+            logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, epoch=epoch)
 
     metrics: dict[str, float] = {}
     if val_set is not None:

@@ -20,7 +20,9 @@ def extract_features(
     device: str | torch.device = "cpu", progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Global image embeddings, pooled box features with labels, and caption embeddings."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_regions)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_regions
+    )
     image_emb, box_emb, box_labels, captions, text_to_image = [], [], [], [], []
     offset = 0
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):

@@ -95,11 +95,19 @@ class FineCLIPModel(nn.Module):
             return self.pixel_mean.new_zeros((0, self.embed_dim))
         if self.freeze_text:
             return self.text_cache.lookup(texts, self._encode_tokens)
-        return self._encode_tokens(list(texts))
+        # a caption repeated in the batch is encoded once; indexing keeps every copy's gradient
+        unique = list(dict.fromkeys(texts))
+        if len(unique) == len(texts):
+            return self._encode_tokens(list(texts))
+        position = {text: i for i, text in enumerate(unique)}
+        index = torch.tensor([position[t] for t in texts], device=self.pixel_mean.device)
+        return self._encode_tokens(unique)[index]
 
     @property
     def embed_dim(self) -> int:
-        return self.clip.text_projection.shape[1] if hasattr(self.clip, "text_projection") else self.clip.text.output_dim
+        if hasattr(self.clip, "text_projection"):
+            return self.clip.text_projection.shape[1]
+        return self.clip.text.output_dim
 
     @property
     def logit_scale(self) -> torch.Tensor:

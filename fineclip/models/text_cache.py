@@ -26,6 +26,6 @@ class TextEmbeddingCache:
         if missing:
             with torch.no_grad():
                 fresh = encode(missing).detach()
-            self._store.update(zip(missing, fresh))
+            self._store.update(zip(missing, fresh, strict=True))
             self.encoded += len(missing)
         return torch.stack([self._store[t] for t in texts])
