@@ -49,11 +49,10 @@ def test_value_path_dense_features_match_hand_computation(tiny_model):
     assert (plain - dense).abs().max() > 1e-2
 
 
-@torch.no_grad()
-def test_eva_tower_value_path_matches_hand_computation(tmp_path):
+def _tiny_eva(tmp_path, image_size=56, checkpoint=None):
     cfg = {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "timm_model_name": "eva02_tiny_patch14_224", "timm_model_pretrained": False,
+        "vision_cfg": {"image_size": 56, "timm_model_name": "eva02_tiny_patch14_224", "timm_model_pretrained": False,
                        "timm_pool": "token", "timm_proj": None},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
         "custom_text": True,
@@ -61,10 +60,15 @@ def test_eva_tower_value_path_matches_hand_computation(tmp_path):
     (tmp_path / "test-eva-tiny.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path)
     torch.manual_seed(0)
-    model = create_model("test-eva-tiny").eval()
+    return create_model("test-eva-tiny", image_size=image_size, checkpoint=checkpoint).eval()
+
+
+@torch.no_grad()
+def test_eva_tower_value_path_matches_hand_computation(tmp_path):
+    model = _tiny_eva(tmp_path)
     trunk = model.clip.visual.trunk
-    size = trunk.patch_embed.img_size[0]
-    pixels = torch.randn(2, 3, size, size)
+    assert model.image_size == (56, 56) and tuple(trunk.patch_embed.img_size) == (56, 56)
+    pixels = torch.randn(2, 3, 56, 56)
     image_emb, dense = model.encode_image_dense(pixels)
     torch.testing.assert_close(image_emb, F.normalize(model.clip.encode_image(pixels), dim=-1), rtol=1e-4, atol=1e-5)
     # hand computation of the value-only last block of timm's Eva
@@ -88,8 +92,24 @@ def test_eva_tower_value_path_matches_hand_computation(tmp_path):
     y = y + (last.gamma_2 * m if last.gamma_2 is not None else m)
     tokens = trunk.norm(y)[:, trunk.num_prefix_tokens :]
     tokens = F.normalize(model.clip.visual.head(trunk.head(trunk.fc_norm(tokens))), dim=-1)
-    grid = size // trunk.patch_embed.patch_size[0]
-    torch.testing.assert_close(dense, tokens.transpose(1, 2).reshape(2, -1, grid, grid), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dense, tokens.transpose(1, 2).reshape(2, -1, 4, 4), rtol=1e-4, atol=1e-5)
+    plain = trunk.norm(last(x, rope=rope))[:, trunk.num_prefix_tokens :]
+    plain = F.normalize(model.clip.visual.head(trunk.head(trunk.fc_norm(plain))), dim=-1)
+    assert (plain - tokens).abs().max() > 1e-2
+
+
+def test_eva_position_embeddings_are_interpolated_for_another_size(tmp_path):
+    small = _tiny_eva(tmp_path)
+    path = tmp_path / "eva.pt"
+    torch.save(small.clip.state_dict(), path)
+    bigger = _tiny_eva(tmp_path, image_size=84, checkpoint=str(path))
+    old = small.clip.visual.trunk.pos_embed.detach()  # (1, 1 + 4*4, C)
+    grid = old[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(6, 6), mode="bicubic", antialias=True, align_corners=False)
+    expected = torch.cat([old[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 36, -1)], dim=1)
+    torch.testing.assert_close(bigger.clip.visual.trunk.pos_embed.detach(), expected, rtol=1e-5, atol=1e-5)
+    _, dense = bigger.encode_image_dense(torch.randn(1, 3, 84, 84))
+    assert dense.shape == (1, 32, 6, 6)
 
 
 @torch.no_grad()

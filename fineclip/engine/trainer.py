@@ -38,8 +38,9 @@ def autocast_context(device: torch.device, precision: str):
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
+    if precision != "bf16":
+        raise ValueError(f"trainer.precision={precision!r}: use auto, fp32 or bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def seed_everything(seed: int) -> None:

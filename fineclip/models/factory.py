@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
+from open_clip.timm_model import TimmModel
 
 from fineclip.models.fineclip_model import FineCLIPModel
 
@@ -74,6 +76,17 @@ def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"checkpoint {path} does not fit the model: {err}") from err
 
 
+@contextlib.contextmanager
+def _quiet_root_logger(level: int = logging.ERROR):
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
 def create_model(
     name: str,
     checkpoint: str | None = None,
@@ -89,15 +102,22 @@ def create_model(
     """
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
-    clip = open_clip.create_model(name, pretrained=None, force_image_size=image_size)
+    with _quiet_root_logger():  # open_clip reports every creation step on the root logger
+        clip = open_clip.create_model(name, pretrained=None, force_image_size=image_size)
+    visual = clip.visual
+    if isinstance(visual, TimmModel) and tuple(visual.trunk.patch_embed.img_size) != tuple(visual.image_size):
+        visual.set_input_size(visual.image_size)  # open_clip builds timm trunks at their default size
     with torch.no_grad():
         clip.logit_scale.fill_(init_logit_scale)
     if checkpoint:
         load_clip_weights(clip, checkpoint)
+        log.info("loaded %s weights from %s", name, checkpoint)
     cfg = clip.visual.preprocess_cfg if hasattr(clip.visual, "preprocess_cfg") else {}
+    with _quiet_root_logger():
+        tokenizer = open_clip.get_tokenizer(name)
     return FineCLIPModel(
         clip,
-        open_clip.get_tokenizer(name),
+        tokenizer,
         freeze_text=freeze_text,
         crop_scale=crop_scale,
         mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
