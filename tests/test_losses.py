@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fineclip.losses import FineCLIPLoss, GlobalContrastive, RegionalContrastive, SelfDistillation, symmetric_infonce
+from fineclip.losses import FineCLIPLoss, GlobalContrastive, RegionalContrastive, SelfDistillation, infonce_row_sum
 
 
 def _unit(n, d, seed):
@@ -32,29 +32,43 @@ def test_global_contrastive_matches_hand_computation():
     assert loss.item() == pytest.approx(_infonce_by_hand(v.double(), t.double(), 7.0), rel=1e-5)
 
 
-def test_regional_contrastive_ignores_padding_rows():
+def test_regional_contrastive_matches_hand_computation():
     p, tr = _unit(7, 8, 2), _unit(7, 8, 3)
-    valid = torch.tensor([True, False, True, True, False, True, True])
+    loss = RegionalContrastive()({"region_emb": p, "region_text_emb": tr, "logit_scale": torch.tensor(5.0)})
+    assert loss.item() == pytest.approx(_infonce_by_hand(p.double(), tr.double(), 5.0), rel=1e-5)
+
+
+def test_padding_columns_never_enter_the_softmax():
+    """The rows gathered from other ranks come padded; masked columns must not change anything."""
+    a, b = _unit(7, 8, 2), _unit(7, 8, 3)
+    valid = torch.tensor([True, True, False, True, True, False, True])
     scale = torch.tensor(5.0)
-    loss = RegionalContrastive()({"region_emb": p, "region_text_emb": tr, "logit_scale": scale, "region_valid": valid})
-    expected = _infonce_by_hand(p[valid].double(), tr[valid].double(), 5.0)
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
-    # whatever sits in the padded rows cannot change the loss
-    p2 = p.clone()
-    p2[~valid] = _unit(2, 8, 9)
-    feats2 = {"region_emb": p2, "region_text_emb": tr, "logit_scale": scale, "region_valid": valid}
-    loss2 = RegionalContrastive()(feats2)
-    assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
+    local = slice(3, 5)  # this rank's rows, at offset 3 of the gathered rows
+    total = infonce_row_sum(a[local], b[local], a, b, scale, offset=3, column_valid=valid)
+    # by hand: the two local rows against the valid columns only
+    keep = valid.nonzero().flatten().tolist()
+    expected = 0.0
+    for i in (3, 4):
+        row = [5.0 * float(a[i] @ b[j]) for j in keep]
+        col = [5.0 * float(b[i] @ a[j]) for j in keep]
+        k = keep.index(i)
+        ce_row = math.log(sum(math.exp(x) for x in row)) - row[k]
+        ce_col = math.log(sum(math.exp(x) for x in col)) - col[k]
+        expected += (ce_row + ce_col) / 2
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    padded = a.clone()
+    padded[~valid] = _unit(2, 8, 9)
+    again = infonce_row_sum(padded[local], b[local], padded, b, scale, offset=3, column_valid=valid)
+    assert again.item() == pytest.approx(total.item(), rel=1e-6)
 
 
-def test_contrastive_without_regions_is_zero_with_finite_grads():
-    p = torch.randn(3, 8, requires_grad=True)
-    loss = symmetric_infonce(p, p.detach(), torch.tensor(10.0), torch.zeros(3, dtype=torch.bool))
-    loss.backward()
-    assert loss.item() == 0.0 and torch.isfinite(p.grad).all()
-    empty = torch.zeros(0, 8, requires_grad=True)
-    loss = symmetric_infonce(empty, empty, torch.tensor(10.0))
-    assert loss.item() == 0.0 and loss.requires_grad
+def test_region_losses_without_regions_are_zero_with_finite_grads():
+    p = torch.zeros(0, 8, requires_grad=True)
+    feats = {"region_emb": p, "region_text_emb": p, "crop_emb": p, "logit_scale": torch.tensor(10.0)}
+    for term in (RegionalContrastive(), SelfDistillation()):
+        loss = term(feats)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(p.grad).all()
 
 
 def test_self_distillation_matches_formula_and_detach_option():

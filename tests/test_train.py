@@ -78,15 +78,22 @@ def test_every_config_composes():
         compose(config_name="evaluate")
 
 
-def test_epoch_checkpoints_are_atomic_pruned_and_load_weights_only(tmp_path):
+def test_step_checkpoints_are_pruned_and_a_truncated_one_falls_back(tmp_path, caplog):
+    import logging
+
     import torch
 
-    from fineclip.engine.checkpoint import load_checkpoint, save_epoch_checkpoint
+    from fineclip.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_step_checkpoint
 
-    for epoch in (1, 2, 3):
-        save_epoch_checkpoint({"epoch": epoch, "w": torch.full((2,), float(epoch))}, tmp_path, epoch, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_002.pt", "epoch_003.pt", "last.pt"]
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
-    (tmp_path / "epoch_003.pt").write_bytes(b"truncated")  # a corrupt file gives a clear error
-    with pytest.raises(RuntimeError, match="epoch_003.pt"):
-        load_checkpoint(tmp_path / "epoch_003.pt")
+    for step in (10, 20, 30):
+        save_step_checkpoint({"step": step, "w": torch.full((2,), float(step))}, tmp_path, step, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step_00000020.pt", "step_00000030.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 30
+    newest = tmp_path / "step_00000030.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a crash of the file system
+    with pytest.raises(RuntimeError, match="step_00000030.pt"):
+        load_checkpoint(newest)
+    with caplog.at_level(logging.WARNING):
+        path, state = load_latest_checkpoint(tmp_path)
+    assert path.name == "step_00000020.pt" and state["step"] == 20
+    assert "step_00000030.pt" in caplog.text and "falling back" in caplog.text

@@ -1,13 +1,18 @@
-"""Atomic checkpoint files, loaded with ``weights_only=True``."""
+"""Atomic checkpoint files, loaded with ``weights_only=True``, and the search for the newest good one."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
+STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -38,11 +43,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise RuntimeError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from err
 
 
-def save_epoch_checkpoint(state: dict[str, Any], folder: str | Path, epoch: int, keep: int = 2) -> Path:
-    """Save ``epoch_NNN.pt``, point ``last.pt`` at it (atomically, a hard link when possible), and
-    delete all but the newest ``keep`` epoch files (``keep`` <= 0 keeps all)."""
+def save_step_checkpoint(state: dict[str, Any], folder: str | Path, step: int, keep: int = 2) -> Path:
+    """Save ``step_NNNNNNNN.pt``, point ``last.pt`` at it (atomically; a hard link when possible),
+    and delete all but the newest ``keep`` step files (``keep`` <= 0 keeps all)."""
     folder = Path(folder)
-    path = save_checkpoint(state, folder / f"epoch_{epoch:03d}.pt")
+    path = save_checkpoint(state, folder / f"step_{step:08d}.pt")
     tmp = folder / ".last.pt.tmp"
     tmp.unlink(missing_ok=True)
     try:
@@ -51,6 +56,22 @@ def save_epoch_checkpoint(state: dict[str, Any], folder: str | Path, epoch: int,
         save_checkpoint(state, tmp)
     os.replace(tmp, folder / "last.pt")
     if keep > 0:
-        for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
+        for old in step_checkpoints(folder)[keep:]:
             old.unlink()
     return path
+
+
+def step_checkpoints(folder: str | Path) -> list[Path]:
+    """The ``step_*.pt`` files of ``folder``, newest first."""
+    files = [p for p in Path(folder).glob("step_*.pt") if STEP_FILE.search(p.name)]
+    return sorted(files, key=lambda p: int(STEP_FILE.search(p.name).group(1)), reverse=True)
+
+
+def load_latest_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable step checkpoint; unreadable ones are reported and passed over."""
+    for path in step_checkpoints(folder):
+        try:
+            return path, load_checkpoint(path)
+        except RuntimeError as err:
+            log.warning("%s; falling back to an older checkpoint", err)
+    return None

@@ -1,7 +1,7 @@
 """Losses: each term is a small module over a dict of features, with its formula in the docstring."""
 
 from fineclip.losses.composite import CompositeLoss, FineCLIPLoss
-from fineclip.losses.contrastive import GlobalContrastive, RegionalContrastive, symmetric_infonce
+from fineclip.losses.contrastive import GlobalContrastive, RegionalContrastive, infonce_row_sum
 from fineclip.losses.distillation import SelfDistillation
 
 __all__ = [
@@ -10,5 +10,5 @@ __all__ = [
     "GlobalContrastive",
     "RegionalContrastive",
     "SelfDistillation",
-    "symmetric_infonce",
+    "infonce_row_sum",
 ]

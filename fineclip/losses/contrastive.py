@@ -1,4 +1,9 @@
-"""Contrastive objectives: global (image ↔ caption) and regional (region ↔ region caption)."""
+"""Contrastive objectives: global (image ↔ caption) and regional (region ↔ region caption).
+
+Both work on one process or many: every rank scores its own rows against the rows of all ranks
+(gathered with gradient), and the per-rank values are scaled so that their mean over ranks — what
+DDP's gradient averaging optimises — equals the loss of one process holding the whole batch.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +11,75 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fineclip.engine.distributed import all_reduce_sum, gather_ragged_rows, gather_rows, is_distributed
 
-def symmetric_infonce(
-    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None = None
+
+def infonce_row_sum(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    all_a: torch.Tensor,
+    all_b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    offset: int = 0,
+    column_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """½ [CE(s·a·bᵀ, diag) + CE(s·b·aᵀ, diag)] over the rows marked valid.
+    """Σ_i ½ [CE(s·a_i·all_bᵀ, offset+i) + CE(s·b_i·all_aᵀ, offset+i)] over the local rows i.
 
-    a, b: (N, D) L2-normalised, row i of a pairs with row i of b. ``valid`` (N,) bool marks real
-    rows; padded rows are removed from every softmax (as columns) and from the mean (as rows).
-    Returns 0 (still attached to the graph) when no row is valid.
+    a, b (n, D): this rank's pairs (row i of a with row i of b); all_a, all_b (N, D): every rank's
+    rows, this rank's at ``offset``. Columns where ``column_valid`` is False (padding) take no part
+    in any softmax.
     """
-    logits = logit_scale * a @ b.t()
-    target = torch.arange(a.shape[0], device=a.device)
-    if valid is None and a.shape[0] > 0:
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-    if valid is None:
-        valid = torch.ones(0, dtype=torch.bool, device=a.device)
-    # a finite "minus infinity": exp() of it is 0, and a row with no valid column stays finite
-    padded = torch.finfo(logits.dtype).min
-    per_row_ab = F.cross_entropy(logits.masked_fill(~valid[None, :], padded), target, reduction="none")
-    per_row_ba = F.cross_entropy(logits.t().masked_fill(~valid[None, :], padded), target, reduction="none")
-    count = valid.sum().clamp(min=1)
-    ab = torch.where(valid, per_row_ab, 0).sum() / count
-    ba = torch.where(valid, per_row_ba, 0).sum() / count
-    return (ab + ba) / 2
+    target = torch.arange(a.shape[0], device=a.device) + offset
+    logits_ab = logit_scale * a @ all_b.t()
+    logits_ba = logit_scale * b @ all_a.t()
+    if column_valid is not None:
+        # a finite "minus infinity": exp() of it is 0 and no row becomes NaN
+        padded = torch.finfo(logits_ab.dtype).min
+        logits_ab = logits_ab.masked_fill(~column_valid[None, :], padded)
+        logits_ba = logits_ba.masked_fill(~column_valid[None, :], padded)
+    ce_ab = F.cross_entropy(logits_ab, target, reduction="sum")
+    ce_ba = F.cross_entropy(logits_ba, target, reduction="sum")
+    return (ce_ab + ce_ba) / 2
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
 
 
 class GlobalContrastive(nn.Module):
-    """L_GC = ½ [CE(s·v·tᵀ, diag) + CE(s·t·vᵀ, diag)]: image embeddings v vs caption embeddings t."""
+    """L_GC = ½ [CE(s·v·tᵀ, diag) + CE(s·t·vᵀ, diag)], averaged over the images of the global batch.
+
+    v: image embeddings, t: caption embeddings (L2-normalised), s: the shared logit scale.
+    """
 
     requires = frozenset({"image_emb", "text_emb"})
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return symmetric_infonce(features["image_emb"], features["text_emb"], features["logit_scale"])
+        v, t = features["image_emb"], features["text_emb"]
+        offset = torch.distributed.get_rank() * v.shape[0] if is_distributed() else 0
+        total = infonce_row_sum(v, t, gather_rows(v), gather_rows(t), features["logit_scale"], offset)
+        return total / v.shape[0]  # every rank holds the same number of images
 
 
 class RegionalContrastive(nn.Module):
-    """L_RC = ½ [CE(s·p·t^rᵀ, diag) + CE(s·t^r·pᵀ, diag)] over all real regions of the batch.
+    """L_RC = ½ [CE(s·p·t^rᵀ, diag) + CE(s·t^r·pᵀ, diag)], averaged over all regions of the global batch.
 
-    p: pooled dense region features, t^r: region-caption embeddings. Regions form a flat ragged
-    list; an optional ``region_valid`` mask keeps padding out of every softmax. Images without
-    regions simply contribute no rows.
+    p: RoIAlign-pooled dense region features, t^r: region-caption embeddings. Regions are a ragged
+    flat list (their number differs per image and per rank); images without regions contribute no
+    row; the padding added to gather them across ranks never enters a softmax. 0 without regions.
     """
 
     requires = frozenset({"region_emb", "region_text_emb"})
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return symmetric_infonce(
-            features["region_emb"], features["region_text_emb"], features["logit_scale"],
-            features.get("region_valid"),
-        )
+        p, tr = features["region_emb"], features["region_text_emb"]
+        all_p, valid, offset = gather_ragged_rows(p)
+        all_tr, _, _ = gather_ragged_rows(tr)
+        total = infonce_row_sum(p, tr, all_p, all_tr, features["logit_scale"], offset, valid)
+        count = valid.sum()
+        return total * world_size() / count.clamp(min=1)
+
+
+def global_count(n: int, device: torch.device) -> torch.Tensor:
+    """Σ over ranks of n."""
+    return all_reduce_sum(torch.tensor(float(n), device=device))
