@@ -54,9 +54,13 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """All ranks' ``x`` concatenated along dim 0, with gradient (all ranks: same shape)."""
     if not is_distributed():
         return x
+    import warnings
+
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public one
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 def gather_ragged_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
