@@ -292,9 +292,14 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: dist_utils.DistInfo |
                 step_in_epoch += 1
                 scheduler.step_update(step)
                 bar.update(1)
+                if losses and (step % tcfg.log_every == 0 or step == total_steps):
+                    # the objective is the mean over ranks of the per-rank losses: log that
+                    values = torch.stack([sum(losses) / len(losses), *parts_sum.values()]).float()
+                    values = (dist_utils.all_reduce_sum(values) / dist_info.world_size).tolist()
+                    parts_sum = dict(zip(parts_sum, values[1:], strict=True))
                 if main and losses and (step % tcfg.log_every == 0 or step == total_steps):
                     elapsed = time.perf_counter() - tick
-                    metrics = {"train/loss": (sum(losses) / len(losses)).item()}
+                    metrics = {"train/loss": values[0]}
                     metrics.update({f"train/loss_{k}": float(v) for k, v in parts_sum.items()})
                     metrics["train/lr"] = optimizer.param_groups[0]["lr"]
                     metrics["train/logit_scale"] = model.logit_scale.item()
