@@ -229,3 +229,26 @@ def test_repeated_captions_are_encoded_once_with_the_same_gradients(tiny_model, 
     reference = F.normalize(tiny_model.clip.encode_text(tiny_model.tokenizer(texts)), dim=-1)
     (reference * weights).sum().backward()
     torch.testing.assert_close(grad, tiny_model.clip.text_projection.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, monkeypatch):
+    import fineclip.models.towers as towers
+
+    calls = []
+    original = towers.checkpoint
+    monkeypatch.setattr(towers, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def step():
+        tiny_model.zero_grad()
+        loss, _ = training_step(tiny_model, FineCLIPLoss(), _batch())
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+
+    loss, grads = step()
+    tiny_model.clip.set_grad_checkpointing(True)
+    assert tiny_model.clip.visual.transformer.grad_checkpointing
+    loss_ckpt, grads_ckpt = step()
+    assert len(calls) >= 4  # the image blocks did go through torch.utils.checkpoint
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-4, atol=1e-6)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from fineclip.train import CONFIG_DIR
@@ -97,3 +98,35 @@ def test_step_checkpoints_are_pruned_and_a_truncated_one_falls_back(tmp_path, ca
         path, state = load_latest_checkpoint(tmp_path)
     assert path.name == "step_00000020.pt" and state["step"] == 20
     assert "step_00000030.pt" in caplog.text and "falling back" in caplog.text
+
+
+def test_exported_weights_load_in_open_clip(tmp_path):
+    import open_clip
+    import torch
+
+    from fineclip.engine.checkpoint import save_checkpoint
+    from fineclip.export import export
+    from fineclip.models import create_model
+
+    torch.manual_seed(1)
+    model = create_model("fineclip-tiny", freeze_text=False)
+    save_checkpoint({"model": model.state_dict(), "config": {"model": {"name": "fineclip-tiny"}}}, tmp_path / "c.pt")
+    assert export(str(tmp_path / "c.pt"), str(tmp_path / "open_clip.pt")) == "fineclip-tiny"
+    loaded = open_clip.create_model("fineclip-tiny", pretrained=str(tmp_path / "open_clip.pt"))
+    for name, value in model.clip.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    common = [f"cache_dir={tmp_path / 'cache'}", "data.synthetic.train=48", "data.synthetic.val=8",
+              "data.batch_size=8", "trainer.epochs=1", "trainer.progress=false", "trainer.checkpoint_every=1",
+              "optim.optimizer.lr=1e30", "optim.scheduler.warmup_steps=0"]  # the first step blows the weights up
+    blown = _run("fineclip.train", *common, f"hydra.run.dir={tmp_path / 'stop'}", cwd=tmp_path)
+    output = blown.stdout + blown.stderr
+    assert blown.returncode == 1 and "non-finite loss at step 1" in output and "Traceback" not in output
+    checkpoints = sorted(p.name for p in (tmp_path / "stop" / "checkpoints").glob("step_*.pt"))
+    assert checkpoints == ["step_00000001.pt"]  # the last checkpoint before the bad step, intact
+    torch.load(tmp_path / "stop" / "checkpoints" / "step_00000001.pt", weights_only=True)
+    skipped = _run("fineclip.train", *common, "trainer.on_nonfinite=skip", f"hydra.run.dir={tmp_path / 'skip'}",
+                   cwd=tmp_path)
+    assert skipped.returncode == 0 and "step skipped (5 so far)" in skipped.stdout + skipped.stderr

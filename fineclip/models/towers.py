@@ -14,12 +14,20 @@ import torch
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def identity_attention_mask(num_tokens: int, device, dtype) -> torch.Tensor:
     """Additive mask (N, N): 0 on the diagonal, -inf elsewhere."""
     mask = torch.full((num_tokens, num_tokens), float("-inf"), device=device, dtype=dtype)
     return mask.fill_diagonal_(0.0)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool, **kwargs) -> torch.Tensor:
+    """``block(x, **kwargs)``, recomputed in backward instead of stored when ``use_checkpoint``."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False, **kwargs)
+    return block(x, **kwargs)
 
 
 class TowerAdapter:
@@ -59,15 +67,17 @@ class OpenCLIPViTAdapter(TowerAdapter):
 
     def trunk(self, images):
         x = self.visual._embeds(images)
+        ckpt = self.visual.transformer.grad_checkpointing
         for block in self.visual.transformer.resblocks[:-1]:
-            x = block(x)
+            x = run_block(block, x, ckpt)
         return x, {}
 
     def last_block(self, x, ctx, value_only):
         block = self.visual.transformer.resblocks[-1]
+        ckpt = self.visual.transformer.grad_checkpointing
         if not value_only:
-            return block(x)
-        return block(x, attn_mask=identity_attention_mask(x.shape[1], x.device, x.dtype))
+            return run_block(block, x, ckpt)
+        return run_block(block, x, ckpt, attn_mask=identity_attention_mask(x.shape[1], x.device, x.dtype))
 
     def global_head(self, x):
         pooled, _ = self.visual._pool(x)
@@ -95,15 +105,16 @@ class TimmEvaAdapter(TowerAdapter):
         x = trunk.norm_pre(x)
         kwargs = {"rope": rope} if rope is not None else {}
         for block in trunk.blocks[:-1]:
-            x = block(x, **kwargs)
+            x = run_block(block, x, trunk.grad_checkpointing, **kwargs)
         return x, kwargs
 
     def last_block(self, x, ctx, value_only):
         block = self.visual.trunk.blocks[-1]
+        ckpt = self.visual.trunk.grad_checkpointing
         if not value_only:
-            return block(x, **ctx)
+            return run_block(block, x, ckpt, **ctx)
         mask = identity_attention_mask(x.shape[1], x.device, x.dtype)
-        return block(x, attn_mask=mask, **ctx)
+        return run_block(block, x, ckpt, attn_mask=mask, **ctx)
 
     def global_head(self, x):
         trunk = self.visual.trunk
