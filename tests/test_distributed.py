@@ -80,3 +80,15 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, regions_per
         for r in ranks:  # float32 summation order differs: compare each tensor's relative error
             error = (r["grads"][name] - grad).norm() / grad.norm().clamp(min=1e-12)
             assert error < 1e-5, (name, error.item())
+
+
+def test_slurm_tasks_become_torch_distributed_ranks(monkeypatch):
+    from fineclip.engine.distributed import slurm_to_torch_env
+
+    environ = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    environ.update(SLURM_NTASKS="16", SLURM_PROCID="9", SLURM_LOCALID="1", SLURM_JOB_ID="4242",
+                   MASTER_ADDR="node-a")  # otherwise read from `scontrol show hostnames`
+    monkeypatch.setattr(os, "environ", environ)  # a private copy: nothing leaks into later tests
+    slurm_to_torch_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
+    assert os.environ["MASTER_ADDR"] == "node-a" and os.environ["MASTER_PORT"] == str(20000 + 4242)

@@ -77,6 +77,10 @@ def test_every_config_composes():
             for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
                 compose(config_name="train", overrides=[f"{group}={option}"])
         compose(config_name="evaluate")
+        slurm = compose(config_name="train", overrides=["hydra/launcher=slurm", "+experiment=coco_vitb16"],
+                        return_hydra_config=True)
+        assert slurm.hydra.launcher.tasks_per_node == slurm.hydra.launcher.gpus_per_node
+        assert "SlurmLauncher" in slurm.hydra.launcher._target_
 
 
 def test_step_checkpoints_are_pruned_and_a_truncated_one_falls_back(tmp_path, caplog):

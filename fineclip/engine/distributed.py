@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +34,30 @@ class DistInfo:
         return self.rank == 0
 
 
+def slurm_to_torch_env() -> None:
+    """Under SLURM with one task per GPU (srun, or Hydra's submitit launcher) and no torchrun, set
+    the variables torch.distributed reads from SLURM's: rank, world size, local rank, and the
+    first node of the job as the rendezvous host (port derived from the job id)."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = subprocess.run(
+            ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True, text=True,
+            check=True,
+        ).stdout.split()
+        os.environ["MASTER_ADDR"] = nodes[0]
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+
+
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group that torchrun (or SLURM via submitit) describes in the environment;
-    a plain ``python -m`` run is rank 0 of 1."""
+    """Join the process group that torchrun or SLURM describes in the environment; a plain
+    ``python -m`` run is rank 0 of 1."""
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    slurm_to_torch_env()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1:
         return DistInfo()

@@ -107,7 +107,11 @@ def compile_blocks(model: FineCLIPModel) -> None:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) ask the loop to save and exit."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) ask the loop to save and exit.
+
+    After the checkpoint is written, ``hand_over`` calls the handler that was installed before
+    (submitit's, which requeues the job) so that a requeued run continues with resume=auto.
+    """
 
     def __init__(self) -> None:
         self.requested = False
@@ -122,6 +126,14 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def hand_over(self) -> None:
+        if not self.signal_name:
+            return
+        signum = signal.Signals[self.signal_name]
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -315,6 +327,9 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: dist_utils.DistInfo |
                     bar.close()
                     save(f"stop requested by {stop.signal_name or 'another rank'}")
                     log.warning("stopped by %s at step %d; continue with trainer.resume=auto", stop.signal_name, step)
+                    if main and logger is not None:
+                        logger.close()
+                    stop.hand_over()
                     return {}
                 if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
                     save(f"every {tcfg.checkpoint_every} steps")
