@@ -44,7 +44,7 @@ class RegionAnnotations:
     stats: Counter = field(default_factory=Counter)
 
 
-def _read_json(path: Path) -> dict:
+def read_annotation_json(path: Path) -> dict:
     if not path.is_file():
         raise AnnotationError(f"annotation file not found: {path}")
     try:
@@ -62,7 +62,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_fields(path: Path, kind: str, record: dict, fields: tuple[str, ...]) -> None:
+def check_fields(path: Path, kind: str, record: dict, fields: tuple[str, ...]) -> None:
     missing = [f for f in fields if f not in record]
     if missing:
         rid = record.get("id", "?")
@@ -91,13 +91,13 @@ def load_region_annotations(
     """
     path = Path(ann_file)
     root = Path(image_root) if image_root is not None else path.parent
-    data = _read_json(path)
+    data = read_annotation_json(path)
     for image in data["images"]:
-        _check_fields(path, "image", image, ("id", "file_name", "width", "height"))
+        check_fields(path, "image", image, ("id", "file_name", "width", "height"))
     for ann in data["annotations"]:
-        _check_fields(path, "annotation", ann, ("id", "image_id", "category_id", "bbox"))
+        check_fields(path, "annotation", ann, ("id", "image_id", "category_id", "bbox"))
     for cat in data["categories"]:
-        _check_fields(path, "category", cat, ("id", "name"))
+        check_fields(path, "category", cat, ("id", "name"))
 
     coco = COCO()
     coco.dataset = data
@@ -108,7 +108,7 @@ def load_region_annotations(
     captions: dict[int, list[str]] = {}
     stats: Counter = Counter()
     for cap in data.get("captions", []):
-        _check_fields(path, "caption", cap, ("image_id", "caption"))
+        check_fields(path, "caption", cap, ("image_id", "caption"))
         text = str(cap["caption"]).strip()
         if not text:
             stats["empty_caption"] += 1

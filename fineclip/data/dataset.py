@@ -69,6 +69,22 @@ class RegionCaptionDataset(Dataset):
         )
         return cls(annotations, image_size, train=train, max_regions=max_regions, seed=seed)
 
+    @classmethod
+    def from_panoptic(
+        cls,
+        panoptic_json: str,
+        png_folder: str,
+        image_root: str,
+        image_size: int = 224,
+        max_regions: int = 100,
+        min_box_area: float = 64.0,
+    ) -> RegionCaptionDataset:
+        """COCO panoptic segments as boxes, for box classification (no captions)."""
+        from fineclip.data.coco_panoptic import load_panoptic_boxes
+
+        annotations = load_panoptic_boxes(panoptic_json, png_folder, image_root, min_box_area, max_regions)
+        return cls(annotations, image_size, train=False, max_regions=max_regions)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

@@ -36,9 +36,8 @@ def extract_features(
             captions += caps
             text_to_image += [offset + i] * len(caps)
         offset += len(batch["images"])
-    text_emb = torch.cat(
-        [model.encode_text(captions[s : s + 256]).float().cpu() for s in range(0, len(captions), 256)]
-    )
+    chunks = [model.encode_text(captions[s : s + 256]).float().cpu() for s in range(0, len(captions), 256)]
+    text_emb = torch.cat(chunks) if chunks else torch.zeros(0, image_emb[0].shape[1])
     return {
         "image_emb": torch.cat(image_emb),
         "box_emb": torch.cat(box_emb) if box_emb else torch.zeros(0, text_emb.shape[1]),
@@ -74,8 +73,9 @@ def evaluate(
         if len(labels):
             box = box_accuracy(feats["box_emb"] @ classes.t(), labels, ks=(1, 5))
             metrics.update({f"box/{k}": v for k, v in box.items()})
-        recall = retrieval_recall(feats["image_emb"], feats["text_emb"], feats["text_to_image"])
-        metrics.update({f"retrieval/{k}": v for k, v in recall.items()})
+        if len(feats["text_emb"]):  # a box-only benchmark (e.g. COCO panoptic) has no captions
+            recall = retrieval_recall(feats["image_emb"], feats["text_emb"], feats["text_to_image"])
+            metrics.update({f"retrieval/{k}": v for k, v in recall.items()})
     finally:
         model.train(was_training)
     return metrics
@@ -89,6 +89,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
             f"box classification   top-1 {metrics['box/top1']:.1f}   top-5 {metrics['box/top5']:.1f}"
             f"   (overall top-1 {metrics['box/overall_top1']:.1f})"
         )
+    if "retrieval/i2t_r1" not in metrics:
+        return "\n".join(lines)
     lines.append(
         "retrieval  I2T R@1/5/10 {:.1f} / {:.1f} / {:.1f}   T2I R@1/5/10 {:.1f} / {:.1f} / {:.1f}".format(
             *(metrics[f"retrieval/{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
