@@ -47,7 +47,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         model, dataset, templates=list(cfg.eval.templates), batch_size=cfg.eval.batch_size,
         num_workers=cfg.data.num_workers, device=device,
     )
-    print(f"evaluation ({len(dataset)} images of {cfg.data.val.ann_file}):\n{format_metrics(metrics)}")
+    source = cfg.data.val.get("ann_file") or cfg.data.val.get("panoptic_json")
+    print(f"evaluation ({len(dataset)} images of {source}):\n{format_metrics(metrics)}")
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,7 @@ def extract_features(
     device: str | torch.device = "cpu", progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Global image embeddings, pooled box features with labels, and caption embeddings."""
+    num_workers = min(num_workers, os.cpu_count() or 1)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_regions
     )
