@@ -70,6 +70,15 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def global_count(n: int, device: torch.device) -> torch.Tensor:
+    """Σ over ranks of n (a float tensor)."""
+    return all_reduce_sum(torch.tensor(float(n), device=device))
+
+
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """All ranks' ``x`` concatenated along dim 0, with gradient (all ranks: same shape)."""
     if not is_distributed():

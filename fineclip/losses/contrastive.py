@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fineclip.engine.distributed import all_reduce_sum, gather_ragged_rows, gather_rows, is_distributed
+from fineclip.engine.distributed import gather_ragged_rows, gather_rows, is_distributed, world_size
 
 
 def infonce_row_sum(
@@ -40,10 +40,6 @@ def infonce_row_sum(
     ce_ab = F.cross_entropy(logits_ab, target, reduction="sum")
     ce_ba = F.cross_entropy(logits_ba, target, reduction="sum")
     return (ce_ab + ce_ba) / 2
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if is_distributed() else 1
 
 
 class GlobalContrastive(nn.Module):
@@ -78,8 +74,3 @@ class RegionalContrastive(nn.Module):
         total = infonce_row_sum(p, tr, all_p, all_tr, features["logit_scale"], offset, valid)
         count = valid.sum()
         return total * world_size() / count.clamp(min=1)
-
-
-def global_count(n: int, device: torch.device) -> torch.Tensor:
-    """Σ over ranks of n."""
-    return all_reduce_sum(torch.tensor(float(n), device=device))
