@@ -14,7 +14,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fineclip.data.synthetic import prepare_synthetic
+from fineclip.config_checks import ConfigError
 from fineclip.engine.checkpoint import load_checkpoint
 from fineclip.train import CONFIG_DIR, USER_ERRORS
 
@@ -36,19 +36,17 @@ def load_model(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> dict[str, float]:
     from fineclip.engine.trainer import resolve_device, seed_everything
-    from fineclip.eval import evaluate, format_metrics
+    from fineclip.eval import format_metrics
+    from fineclip.eval.runner import build_eval_set, describe_eval_set, evaluate_from_config
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    prepare_synthetic(cfg.data)
     model = load_model(cfg).to(device)
-    dataset = instantiate(cfg.data.val, image_size=model.image_size[0])
-    metrics = evaluate(
-        model, dataset, templates=list(cfg.eval.templates), batch_size=cfg.eval.batch_size,
-        num_workers=cfg.data.num_workers, device=device,
-    )
-    source = cfg.data.val.get("ann_file") or cfg.data.val.get("panoptic_json")
-    print(f"evaluation ({len(dataset)} images of {source}):\n{format_metrics(metrics)}")
+    dataset = build_eval_set(cfg, model.image_size[0])
+    if dataset is None:
+        raise ConfigError(f"data={cfg.data.get('name', '?')} has no val split to evaluate")
+    metrics = evaluate_from_config(model, dataset, cfg, device)
+    print(f"evaluation ({len(dataset)} images of {describe_eval_set(cfg)}):\n{format_metrics(metrics)}")
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -69,3 +69,23 @@ def test_box_only_evaluation_on_panoptic_boxes(tmp_path, tiny_model):
     # two boxes of two different classes: the per-class mean is the plain mean here
     assert metrics["box/top1"] in (0.0, 50.0, 100.0) and metrics["box/top1"] == metrics["box/overall_top1"]
     assert "retrieval" not in format_metrics(metrics)
+
+
+def test_thing_and_stuff_accuracy_are_per_class_means_over_each_kind(tmp_path, tiny_model):
+    from fineclip.data import RegionCaptionDataset
+    from fineclip.eval import class_embeddings, evaluate, extract_features
+
+    _write_fixture(tmp_path)
+    dataset = RegionCaptionDataset.from_panoptic(
+        str(tmp_path / "panoptic_val2017.json"), str(tmp_path / "panoptic_val2017"), str(tmp_path / "val2017"),
+        image_size=64,
+    )
+    assert dataset.stuff_ids == {149, 184}
+    templates = ["a photo of a {}."]
+    metrics = evaluate(tiny_model, dataset, templates=templates, progress=False)
+    feats = extract_features(tiny_model, dataset, progress=False)
+    classes = class_embeddings(tiny_model.encode_text, ["person", "road", "tree"], templates)
+    predicted = (feats["box_emb"] @ classes.t()).argmax(dim=1).tolist()  # boxes: person, road
+    assert metrics["box/thing_top1"] == 100.0 * (predicted[0] == 0)
+    assert metrics["box/stuff_top1"] == 100.0 * (predicted[1] == 1)
+    assert metrics["box/thing_top5"] == metrics["box/stuff_top5"] == 100.0  # 3 classes

@@ -38,6 +38,16 @@ def test_regional_contrastive_matches_hand_computation():
     assert loss.item() == pytest.approx(_infonce_by_hand(p.double(), tr.double(), 5.0), rel=1e-5)
 
 
+def test_crop_term_contrasts_crop_embeddings_and_ignores_pooled_features():
+    crop, tr, pooled = _unit(6, 8, 4), _unit(6, 8, 5), _unit(6, 8, 6)
+    feats = {"crop_emb": crop, "region_emb": pooled, "region_text_emb": tr, "logit_scale": torch.tensor(5.0)}
+    loss_fn = FineCLIPLoss(gc_weight=0, sd_weight=0, rc_weight=0, crop_weight=1)
+    assert loss_fn.required_features == {"crop_emb", "region_text_emb"}
+    total, parts = loss_fn(feats)
+    assert set(parts) == {"crop"}
+    assert total.item() == pytest.approx(_infonce_by_hand(crop.double(), tr.double(), 5.0), rel=1e-5)
+
+
 def test_padding_columns_never_enter_the_softmax():
     """The rows gathered from other ranks come padded; masked columns must not change anything."""
     a, b = _unit(7, 8, 2), _unit(7, 8, 3)

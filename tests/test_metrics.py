@@ -38,6 +38,19 @@ def test_retrieval_recall_matches_brute_force_with_several_captions_per_image():
     assert 0 < metrics["i2t_r1"] < 100
 
 
+def test_retrieval_ties_count_against_the_query():
+    """A collapsed model (every image embedding the same) must not get credit from ties."""
+    image_emb = F.normalize(torch.ones(4, 8), dim=-1)
+    text_emb = F.normalize(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    text_to_image = torch.arange(4).repeat_interleave(2)
+    metrics = retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 4))
+    assert metrics["t2i_r1"] == 0.0 and metrics["t2i_r4"] == 100.0  # all 4 images tie: rank 3
+    # one image query: its 2 captions vs 6 others with the same (collapsed) scores at best
+    two = torch.cat([image_emb[:1], -image_emb[:1]])
+    assert retrieval_recall(two, torch.cat([two[:1]] * 2 + [two[:1]] * 2), torch.tensor([0, 0, 1, 1]),
+                            ks=(1,))["i2t_r1"] == 0.0
+
+
 def test_box_accuracy_mean_per_class_against_hand_count():
     # 3 classes; class 0 has 4 boxes (3 right at top-1), class 1 has 1 box (wrong, right at top-2),
     # class 2 has 2 boxes (1 right).

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from fineclip.train import CONFIG_DIR
 
@@ -68,15 +70,40 @@ def test_coco_vitb16_without_paths_fails_at_once_naming_them(tmp_path):
     assert result.returncode == 1 and "/nonexistent/b16.pt   does not exist" in result.stdout + result.stderr
 
 
+def _sweep_jobs(sweeper_params) -> list[list[str]]:
+    """The override lists of a basic-sweeper grid (comma-separated values)."""
+    jobs = [[]]
+    for key, values in (sweeper_params or {}).items():
+        jobs = [job + [f"{key}={v.strip()}"] for job in jobs for v in str(values).split(",")]
+    return jobs
+
+
 def test_every_config_composes():
+    """Every experiment, and every job of every sweep, composes and resolves (paths filled in)."""
+    paths = ["data.root=/data/coco", "model.checkpoint=/w/b16.pt", "checkpoint_dir=/w"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        jobs_seen = 0
         for experiment in sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")):
-            cfg = compose(config_name="train", overrides=[f"+experiment={experiment}"])
+            cfg = compose(config_name="train", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
             assert cfg.name
+            for job in _sweep_jobs(cfg.hydra.sweeper.params):
+                overrides = [f"+experiment={experiment}", *job]
+                if experiment.startswith("coco"):
+                    overrides += [p for p in paths if p.split("=")[0] not in ("checkpoint_dir",)
+                                  or experiment == "coco_backbones"]
+                job_cfg = compose(config_name="train", overrides=overrides)
+                OmegaConf.to_container(job_cfg, resolve=True)  # a broken interpolation raises here
+                instantiate(job_cfg.loss)
+                jobs_seen += 1
+        assert jobs_seen >= 6 + 6 + 9 + 4 + 2
+        for kind in ("coco_panoptic", "coco_captions"):
+            cfg = compose(config_name="train", overrides=[f"+data@eval.benchmark={kind}", "eval.benchmark.root=/x"])
+            assert cfg.eval.benchmark.val._target_.startswith("fineclip.data.RegionCaptionDataset.from_")
         for group in ("data", "model", "loss", "optim", "trainer"):
             for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
                 compose(config_name="train", overrides=[f"{group}={option}"])
-        compose(config_name="evaluate")
+        for option in sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")):
+            compose(config_name="evaluate", overrides=[f"data={option}"])
         slurm = compose(config_name="train", overrides=["hydra/launcher=slurm", "+experiment=coco_vitb16"],
                         return_hydra_config=True)
         assert slurm.hydra.launcher.tasks_per_node == slurm.hydra.launcher.gpus_per_node

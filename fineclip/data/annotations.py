@@ -42,9 +42,12 @@ class RegionAnnotations:
     records: list[ImageRecord]
     categories: dict[int, str]  # category id -> name, in id order
     stats: Counter = field(default_factory=Counter)
+    stuff_ids: frozenset[int] = frozenset()  # categories that are "stuff" (COCO panoptic isthing=0)
 
 
-def read_annotation_json(path: Path) -> dict:
+def read_annotation_json(path: Path, required: tuple[str, ...] = ("images", "annotations", "categories")) -> dict:
+    """The json object in ``path``, with a clear error for a missing/malformed file or a missing
+    top-level list among ``required``."""
     if not path.is_file():
         raise AnnotationError(f"annotation file not found: {path}")
     try:
@@ -55,8 +58,8 @@ def read_annotation_json(path: Path) -> dict:
     except UnicodeDecodeError as err:
         raise AnnotationError(f"{path} is not UTF-8 text: {err}") from err
     if not isinstance(data, dict):
-        raise AnnotationError(f"{path}: top level must be an object with 'images', 'annotations', 'categories'")
-    for key in ("images", "annotations", "categories"):
+        raise AnnotationError(f"{path}: top level must be an object with {', '.join(map(repr, required))}")
+    for key in required:
         if not isinstance(data.get(key), list):
             raise AnnotationError(f"{path}: missing list '{key}'")
     return data

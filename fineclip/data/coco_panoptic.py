@@ -104,4 +104,5 @@ def load_panoptic_boxes(
     stats["regions"] = sum(len(r.boxes) for r in records)
     log.info("%s: %s", path.name, ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     names = {cid: c["name"] for cid, c in sorted(categories.items())}
-    return RegionAnnotations(records=records, categories=names, stats=stats)
+    stuff = frozenset(cid for cid, c in categories.items() if not c.get("isthing", 1))
+    return RegionAnnotations(records=records, categories=names, stats=stats, stuff_ids=stuff)

@@ -47,6 +47,7 @@ class RegionCaptionDataset(Dataset):
         self.records = annotations.records
         self.categories = annotations.categories
         self.stats = annotations.stats
+        self.stuff_ids = annotations.stuff_ids
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.train = train
         self.max_regions = max_regions
@@ -63,9 +64,11 @@ class RegionCaptionDataset(Dataset):
         max_regions: int = 20,
         min_box_area: float = 64.0,
         seed: int = 0,
+        require_captions: bool = True,
     ) -> RegionCaptionDataset:
         annotations = load_region_annotations(
-            ann_file, image_root, min_box_area=min_box_area, require_captions=True, require_region_captions=train
+            ann_file, image_root, min_box_area=min_box_area, require_captions=require_captions,
+            require_region_captions=train,
         )
         return cls(annotations, image_size, train=train, max_regions=max_regions, seed=seed)
 
@@ -84,6 +87,37 @@ class RegionCaptionDataset(Dataset):
 
         annotations = load_panoptic_boxes(panoptic_json, png_folder, image_root, min_box_area, max_regions)
         return cls(annotations, image_size, train=False, max_regions=max_regions)
+
+    @classmethod
+    def from_instances(
+        cls,
+        ann_file: str,
+        image_root: str,
+        image_size: int = 224,
+        max_regions: int = 100,
+        min_box_area: float = 64.0,
+    ) -> RegionCaptionDataset:
+        """A COCO instances file (e.g. ``instances_val2017.json``, 80 classes), for box classification."""
+        return cls.from_file(ann_file, image_root, image_size, train=False, max_regions=max_regions,
+                             min_box_area=min_box_area, require_captions=False)
+
+    @classmethod
+    def from_coco_captions(
+        cls, captions_json: str, image_root: str, image_size: int = 224, max_captions: int = 5
+    ) -> RegionCaptionDataset:
+        """A COCO captions file (e.g. ``captions_val2017.json``: 5K images), for retrieval."""
+        from fineclip.data.retrieval import load_coco_captions
+
+        return cls(load_coco_captions(captions_json, image_root, max_captions), image_size, train=False)
+
+    @classmethod
+    def from_karpathy(
+        cls, karpathy_json: str, image_root: str, split: str = "test", image_size: int = 224, max_captions: int = 5
+    ) -> RegionCaptionDataset:
+        """One split of a Karpathy-format file (COCO 5K test, Flickr30K 1K test), for retrieval."""
+        from fineclip.data.retrieval import load_karpathy_split
+
+        return cls(load_karpathy_split(karpathy_json, image_root, split, max_captions), image_size, train=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

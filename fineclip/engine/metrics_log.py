@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 class MetricsLogger:

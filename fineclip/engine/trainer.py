@@ -22,8 +22,9 @@ from fineclip.data import RegionCaptionDataset, collate_regions
 from fineclip.data.sampler import GlobalBatchSampler
 from fineclip.engine import distributed as dist_utils
 from fineclip.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_step_checkpoint
-from fineclip.engine.metrics_log import MetricsLogger
-from fineclip.eval import evaluate, format_metrics
+from fineclip.engine.metrics_log import MetricsLogger, peak_memory_gb
+from fineclip.eval import format_metrics
+from fineclip.eval.runner import build_eval_set, evaluate_from_config
 from fineclip.losses import CompositeLoss
 from fineclip.models import FineCLIPModel
 
@@ -140,13 +141,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def run_evaluation(model, dataset, cfg: DictConfig, device) -> dict[str, float]:
-    return evaluate(
-        model, dataset, templates=list(cfg.eval.templates), batch_size=cfg.eval.batch_size,
-        num_workers=cfg.data.num_workers, device=device, progress=cfg.trainer.progress,
-    )
-
-
 def find_resume_state(run_dir: Path, resume: str | None) -> dict | None:
     """``resume``: null (start fresh), "auto" (newest good checkpoint of the run, if any), or a path."""
     if not resume:
@@ -181,7 +175,7 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: dist_utils.DistInfo |
     loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
     image_size = model.image_size[0]
     train_set: RegionCaptionDataset = instantiate(cfg.data.train, image_size=image_size)
-    val_set = instantiate(cfg.data.val, image_size=image_size) if cfg.data.get("val") is not None and main else None
+    val_set = build_eval_set(cfg, image_size) if main else None
     accumulate = max(1, int(tcfg.accumulate_steps))
     sampler = GlobalBatchSampler(len(train_set), cfg.data.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
     steps_per_epoch = sampler.steps_per_epoch // accumulate  # optimizer steps
@@ -260,6 +254,7 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: dist_utils.DistInfo |
                 disable=not (tcfg.progress and main), dynamic_ncols=True,
             )
             tick, seen = time.perf_counter(), 0
+            epoch_start, epoch_first_step = time.perf_counter(), step_in_epoch
             batches = iter(loader)
             while step_in_epoch < steps_per_epoch:
                 optimizer.zero_grad(set_to_none=True)
@@ -334,11 +329,17 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: dist_utils.DistInfo |
                 if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
                     save(f"every {tcfg.checkpoint_every} steps")
             bar.close()
+            if main:
+                # time of this epoch's steps (scaled up if it was resumed mid-epoch), without eval
+                done = max(steps_per_epoch - epoch_first_step, 1)
+                epoch_time = (time.perf_counter() - epoch_start) * steps_per_epoch / done
+                logger.log(step, {"epoch/time_s": epoch_time, "epoch/peak_memory_gb": peak_memory_gb(device)},
+                           epoch=epoch)
             save(f"end of epoch {epoch + 1}")
             epoch, step_in_epoch = epoch + 1, 0
             eval_now = tcfg.eval_every and epoch % tcfg.eval_every == 0 and epoch < tcfg.epochs
             if main and eval_now and val_set is not None:
-                metrics = run_evaluation(model, val_set, cfg, device)
+                metrics = evaluate_from_config(model, val_set, cfg, device, progress=tcfg.progress)
                 logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, epoch=epoch - 1)
             dist_utils.barrier()
     finally:
@@ -346,7 +347,7 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: dist_utils.DistInfo |
 
     metrics: dict[str, float] = {}
     if main and val_set is not None:
-        metrics = run_evaluation(model, val_set, cfg, device)
+        metrics = evaluate_from_config(model, val_set, cfg, device, progress=tcfg.progress)
         logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, epoch=tcfg.epochs - 1)
         (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
         print(f"\nfinal evaluation ({len(val_set)} val images):\n{format_metrics(metrics)}")

@@ -39,8 +39,9 @@ def retrieval_recall(
 
     image_emb (N, D), text_emb (T, D) normalised; text_to_image (T,) gives each caption's image
     row. An image query scores a hit at K if any of its captions ranks in the top K; a caption
-    query if its image does. Rank = number of candidates scoring strictly higher than the best
-    correct one. Computed in chunks of ``chunk`` queries.
+    query if its image does. Rank = number of wrong candidates scoring at least as high as the best
+    correct one: a tie counts against the query, so a collapsed model (all embeddings equal)
+    scores 0, not 100. Computed in chunks of ``chunk`` queries.
     """
     n_images = image_emb.shape[0]
     i2t_rank = torch.empty(n_images, dtype=torch.long)
@@ -51,13 +52,13 @@ def retrieval_recall(
         if not correct.any(dim=1).all():
             raise ValueError("every image needs at least one caption for image→text retrieval")
         best = sims.masked_fill(~correct, float("-inf")).max(dim=1).values
-        i2t_rank[start : start + sims.shape[0]] = (sims > best[:, None]).sum(dim=1).cpu()
+        i2t_rank[start : start + sims.shape[0]] = ((sims >= best[:, None]) & ~correct).sum(dim=1).cpu()
     t2i_rank = torch.empty(text_emb.shape[0], dtype=torch.long)
     for start in range(0, text_emb.shape[0], chunk):
         sims = text_emb[start : start + chunk] @ image_emb.t()
         target = text_to_image[start : start + sims.shape[0]].to(sims.device)
         correct = sims.gather(1, target[:, None])
-        t2i_rank[start : start + sims.shape[0]] = (sims > correct).sum(dim=1).cpu()
+        t2i_rank[start : start + sims.shape[0]] = (sims >= correct).sum(dim=1).cpu() - 1  # minus itself
     out = {}
     for k in ks:
         out[f"i2t_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()

@@ -39,16 +39,27 @@ class CompositeLoss(nn.Module):
 
 
 class FineCLIPLoss(CompositeLoss):
-    """L = w_gc·L_GC + λ·L_SD + γ·L_RC (paper: w_gc = λ = γ = 1)."""
+    """L = w_gc·L_GC + λ·L_SD + γ·L_RC (paper: w_gc = λ = γ = 1), plus w_crop·L_crop.
+
+    L_crop is L_RC with the crop embeddings v^r in place of the pooled dense features: CLIP's loss
+    on (region crop, region caption) pairs. It is not part of FineCLIP (weight 0 by default); the
+    synthetic pretraining uses it so that the global path learns the objects.
+    """
 
     def __init__(
-        self, gc_weight: float = 1.0, sd_weight: float = 1.0, rc_weight: float = 1.0, detach_teacher: bool = False
+        self,
+        gc_weight: float = 1.0,
+        sd_weight: float = 1.0,
+        rc_weight: float = 1.0,
+        detach_teacher: bool = False,
+        crop_weight: float = 0.0,
     ) -> None:
         super().__init__(
             terms={
                 "gc": GlobalContrastive(),
                 "sd": SelfDistillation(detach_teacher=detach_teacher),
                 "rc": RegionalContrastive(),
+                "crop": RegionalContrastive(region_key="crop_emb"),
             },
-            weights={"gc": gc_weight, "sd": sd_weight, "rc": rc_weight},
+            weights={"gc": gc_weight, "sd": sd_weight, "rc": rc_weight, "crop": crop_weight},
         )

@@ -63,12 +63,18 @@ class RegionalContrastive(nn.Module):
     p: RoIAlign-pooled dense region features, t^r: region-caption embeddings. Regions are a ragged
     flat list (their number differs per image and per rank); images without regions contribute no
     row; the padding added to gather them across ranks never enters a softmax. 0 without regions.
+
+    ``region_key="crop_emb"`` puts the global embedding of each region's crop in place of p: the
+    crop ↔ region-caption loss of plain CLIP training on region crops (used for pretraining).
     """
 
-    requires = frozenset({"region_emb", "region_text_emb"})
+    def __init__(self, region_key: str = "region_emb") -> None:
+        super().__init__()
+        self.region_key = region_key
+        self.requires = frozenset({region_key, "region_text_emb"})
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        p, tr = features["region_emb"], features["region_text_emb"]
+        p, tr = features[self.region_key], features["region_text_emb"]
         all_p, valid, offset = gather_ragged_rows(p)
         all_tr, _, _ = gather_ragged_rows(tr)
         total = infonce_row_sum(p, tr, all_p, all_tr, features["logit_scale"], offset, valid)

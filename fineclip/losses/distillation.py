@@ -18,11 +18,11 @@ class SelfDistillation(nn.Module):
     0 when there is no region.
     """
 
-    requires = frozenset({"region_emb", "crop_emb"})
-
     def __init__(self, detach_teacher: bool = False) -> None:
         super().__init__()
         self.detach_teacher = detach_teacher
+        # a detached teacher needs no autograd graph for the crop pass at all
+        self.requires = frozenset({"region_emb", "crop_emb_nograd" if detach_teacher else "crop_emb"})
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         student, teacher = features["region_emb"], features["crop_emb"]

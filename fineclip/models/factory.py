@@ -93,6 +93,7 @@ def create_model(
     image_size: int | None = None,
     freeze_text: bool = True,
     crop_scale: float = 1.5,
+    crop_chunk: int = 0,
     init_logit_scale: float = math.log(100),
 ) -> FineCLIPModel:
     """Build ``name`` (any open_clip model with a ViT image tower) with random weights, load a
@@ -120,6 +121,7 @@ def create_model(
         tokenizer,
         freeze_text=freeze_text,
         crop_scale=crop_scale,
+        crop_chunk=crop_chunk,
         mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
         std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
     )

@@ -13,12 +13,16 @@ from collections.abc import Collection, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fineclip.models.regions import crop_regions, enlarge_boxes, pool_regions
 from fineclip.models.text_cache import TextEmbeddingCache
 from fineclip.models.towers import make_tower_adapter
 
 FEATURES = ("image_emb", "text_emb", "region_emb", "crop_emb", "region_text_emb", "dense")
+# asking for "crop_emb_nograd" instead of "crop_emb" gives crop_emb computed without autograd
+# (a detached teacher): no activations are kept for the crop pass
+NO_GRAD_CROPS = "crop_emb_nograd"
 
 
 class FineCLIPModel(nn.Module):
@@ -29,6 +33,7 @@ class FineCLIPModel(nn.Module):
         *,
         freeze_text: bool = True,
         crop_scale: float = 1.5,
+        crop_chunk: int = 0,
         mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
         std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
     ) -> None:
@@ -39,6 +44,7 @@ class FineCLIPModel(nn.Module):
         size = clip.visual.image_size
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         self.crop_scale = crop_scale
+        self.crop_chunk = crop_chunk
         self.freeze_text = freeze_text
         self.text_cache = TextEmbeddingCache()
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -83,6 +89,16 @@ class FineCLIPModel(nn.Module):
         """Crops of the regions enlarged by ``crop_scale``, resized to the model's image size."""
         boxes = enlarge_boxes(regions, self.crop_scale, self.image_size)
         return crop_regions(pixels, boxes, self.image_size[0])
+
+    def encode_crops(self, pixels: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """Global embeddings v^r of the region crops (M, D). With ``crop_chunk`` = n > 0 and autograd
+        on, the crops go through the tower n at a time, each chunk recomputed in backward
+        (activation memory of one chunk instead of all M crops)."""
+        crops = self.crop_regions(pixels, regions)
+        if self.crop_chunk <= 0 or not torch.is_grad_enabled() or len(crops) <= self.crop_chunk:
+            return self.encode_image(crops)
+        chunks = crops.split(self.crop_chunk)
+        return torch.cat([checkpoint(self.encode_image, c, use_reentrant=False) for c in chunks])
 
     # -- text ---------------------------------------------------------------------------------
     def _encode_tokens(self, texts: list[str]) -> torch.Tensor:
@@ -140,7 +156,7 @@ class FineCLIPModel(nn.Module):
         need: Collection[str] = FEATURES,
     ) -> dict[str, torch.Tensor]:
         """Compute only the features named in ``need`` (a subset of ``FEATURES``)."""
-        unknown = set(need) - set(FEATURES)
+        unknown = set(need) - set(FEATURES) - {NO_GRAD_CROPS}
         if unknown:
             raise ValueError(f"unknown features {sorted(unknown)}; known: {FEATURES}")
         pixels = self.normalize_pixels(images)
@@ -152,11 +168,14 @@ class FineCLIPModel(nn.Module):
                 out["dense"] = dense
         elif "image_emb" in need:
             out["image_emb"] = self.encode_image(pixels)
-        if "crop_emb" in need:
-            if len(regions):
-                out["crop_emb"] = self.encode_image(self.crop_regions(pixels, regions))
-            else:
+        if "crop_emb" in need or NO_GRAD_CROPS in need:
+            if not len(regions):
                 out["crop_emb"] = pixels.new_zeros((0, self.embed_dim))
+            elif "crop_emb" in need:
+                out["crop_emb"] = self.encode_crops(pixels, regions)
+            else:
+                with torch.no_grad():
+                    out["crop_emb"] = self.encode_crops(pixels, regions)
         texts: list[str] = []
         if "text_emb" in need:
             texts += list(captions)

@@ -1,0 +1,272 @@
+"""Speed and memory of the full FineCLIP training step, on random weights and random data.
+
+    python -m fineclip.benchmark model=eva02_b16 batch_size=32 regions_per_image=8 [trainer.compile=true]
+
+Reports images/s and regions/s of the whole step (forward of every enabled loss term, backward,
+optimizer; no host-device synchronisation inside the timed loop), the split of a step's time
+between its parts (measured on separate steps that synchronise between parts), peak memory,
+model-FLOPs utilisation against the device's peak, and the data loader alone (decode + resize of
+JPEG files in N workers). Prints a table; ``output=PATH`` also writes json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from fineclip.data import RegionCaptionDataset, collate_regions
+from fineclip.engine.trainer import autocast_context, compile_blocks, resolve_device, resolve_precision
+from fineclip.losses import CompositeLoss
+from fineclip.models import FineCLIPModel
+from fineclip.models.fineclip_model import NO_GRAD_CROPS
+from fineclip.train import CONFIG_DIR
+
+log = logging.getLogger("fineclip.benchmark")
+
+# dense bf16/fp16 tensor-core peak, FLOP/s
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def random_batch(batch_size: int, regions_per_image: int, image_size: int, step: int, device) -> dict:
+    """Random uint8 images, ``regions_per_image`` boxes of 10-60 % of the side per image, captions
+    that are new at every step (a cold text cache) unless the text tower caches them."""
+    g = torch.Generator().manual_seed(step)
+    images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g)
+    m = batch_size * regions_per_image
+    side = image_size * (0.1 + 0.5 * torch.rand(m, 2, generator=g))
+    corner = (image_size - side) * torch.rand(m, 2, generator=g)
+    index = torch.arange(batch_size).repeat_interleave(regions_per_image).float()[:, None]
+    regions = torch.cat([index, corner, corner + side], dim=1)
+    return {
+        "images": images.to(device),
+        "regions": regions.to(device),
+        "captions": [f"caption {i} of step {step % 4}" for i in range(batch_size)],
+        "region_captions": [f"region {j} of step {step % 4}" for j in range(m)],
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Step:
+    """One training step, as the trainer runs it, with optional per-part timing."""
+
+    def __init__(self, model: FineCLIPModel, loss_fn: CompositeLoss, optimizer, device, precision: str):
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.device, self.precision = device, precision
+        self.need = loss_fn.required_features
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        with autocast_context(self.device, self.precision):
+            features = self.model(batch["images"], batch["captions"], batch["regions"], batch["region_captions"],
+                                  need=self.need)
+            loss, _ = self.loss_fn(features)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.clamp_logit_scale()
+        return loss.detach()
+
+    def timed(self, batch: dict) -> dict[str, float]:
+        """The same step, part by part, synchronising after each part: seconds per part."""
+        model, need, times = self.model, self.need, {}
+
+        def lap(name, fn):
+            sync(self.device)
+            start = time.perf_counter()
+            result = fn()
+            sync(self.device)
+            times[name] = times.get(name, 0.0) + time.perf_counter() - start
+            return result
+
+        with autocast_context(self.device, self.precision):
+            pixels = model.normalize_pixels(batch["images"])
+            features = {"logit_scale": model.logit_scale}
+            if {"region_emb", "dense"} & set(need):
+                features["image_emb"], dense = lap("trunk pass", lambda: model.encode_image_dense(pixels))
+                features["region_emb"] = model.pool_regions(dense, batch["regions"])
+            elif "image_emb" in need:
+                features["image_emb"] = lap("trunk pass", lambda: model.encode_image(pixels))
+            if "crop_emb" in need:
+                features["crop_emb"] = lap("crop pass", lambda: model.encode_crops(pixels, batch["regions"]))
+            elif NO_GRAD_CROPS in need:
+                with torch.no_grad():
+                    features["crop_emb"] = lap("crop pass", lambda: model.encode_crops(pixels, batch["regions"]))
+            texts = list(batch["captions"]) + list(batch["region_captions"])
+            text = lap("text", lambda: model.encode_text(texts))
+            features["text_emb"], features["region_text_emb"] = text[: len(batch["captions"])], text[
+                len(batch["captions"]) :]
+            loss, _ = lap("losses", lambda: self.loss_fn(features))
+        lap("backward", loss.backward)
+        lap("optimizer", lambda: (self.optimizer.step(), self.optimizer.zero_grad(set_to_none=True)))
+        return times
+
+
+def step_flops(step: Step, batch: dict) -> float:
+    """FLOPs of one full step (forward + backward) counted by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return float(counter.get_total_flops())
+
+
+def write_jpeg_dataset(folder: Path, count: int, size: tuple[int, int], regions: int) -> Path:
+    """``count`` smooth random JPEG images of ``size`` (H, W) and a fineclip-schema json."""
+    rng = np.random.default_rng(0)
+    images, annotations, captions = [], [], []
+    H, W = size
+    for i in range(1, count + 1):
+        small = rng.integers(0, 256, (H // 16, W // 16, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((W, H), Image.BILINEAR).save(folder / f"{i}.jpg", quality=90)
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": W, "height": H})
+        captions.append({"id": i, "image_id": i, "caption": f"image {i}"})
+        for r in range(regions):
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": 1,
+                                "bbox": [10.0 * r, 10.0 * r, W / 3, H / 3], "caption": f"region {r}"})
+    ann = {"images": images, "annotations": annotations, "captions": captions,
+           "categories": [{"id": 1, "name": "thing"}]}
+    path = folder / "train.json"
+    path.write_text(json.dumps(ann))
+    return path
+
+
+def loader_rate(ann_file: Path, image_size: int, batch_size: int, workers: int, batches: int, pin: bool) -> float:
+    """Images/s of the training data loader alone (decode, resize, collate, pinned memory)."""
+    dataset = RegionCaptionDataset.from_file(str(ann_file), image_size=image_size, train=True, max_regions=20)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=pin,
+                        collate_fn=collate_regions, drop_last=True, persistent_workers=False)
+    it = iter(loader)
+    next(it)  # start-up of the workers is not counted
+    start, seen = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            seen += len(next(it)["images"])
+        except StopIteration:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def run(cfg: DictConfig) -> dict:
+    device = resolve_device(cfg.trainer.device)
+    precision = resolve_precision(device, cfg.trainer.precision)
+    torch.manual_seed(0)
+    if cfg.model.get("checkpoint"):
+        log.info("benchmark uses random weights: model.checkpoint is ignored")
+    model: FineCLIPModel = instantiate(cfg.model, checkpoint=None, crop_chunk=cfg.crop_chunk).to(device)
+    if cfg.trainer.grad_checkpointing:
+        model.clip.set_grad_checkpointing(True)
+    if cfg.trainer.compile:
+        compile_blocks(model)
+    model.train()
+    loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
+    optimizer = instantiate(cfg.optim.optimizer, model=model)
+    size = model.image_size[0]
+    B, R = cfg.batch_size, cfg.regions_per_image
+    step = Step(model, loss_fn, optimizer, device, precision)
+    batches = [random_batch(B, R, size, i, device) for i in range(4)]
+
+    for i in range(cfg.warmup_steps):
+        step(batches[i % 4])
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(cfg.steps):
+        loss = step(batches[i % 4])
+    loss.item()  # one synchronisation, at the end
+    seconds = (time.perf_counter() - start) / cfg.steps
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+    parts: dict[str, float] = {}
+    for i in range(cfg.breakdown_steps):
+        for name, t in step.timed(batches[i % 4]).items():
+            parts[name] = parts.get(name, 0.0) + t / cfg.breakdown_steps
+    flops = step_flops(step, batches[0]) if not cfg.trainer.compile else None
+    if flops is None:  # counting through compiled blocks is unreliable: count on an eager copy
+        eager = instantiate(cfg.model, checkpoint=None, crop_chunk=cfg.crop_chunk).to(device).train()
+        flops = step_flops(Step(eager, loss_fn, instantiate(cfg.optim.optimizer, model=eager), device, precision),
+                           batches[0])
+        del eager
+    peak = device_peak_flops(device)
+    result = {
+        "model": cfg.model.name, "image_size": size, "batch_size": B, "regions_per_image": R,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision, "compile": bool(cfg.trainer.compile),
+        "grad_checkpointing": bool(cfg.trainer.grad_checkpointing), "crop_chunk": cfg.crop_chunk,
+        "losses": dict(loss_fn.weights), "detach_teacher": bool(cfg.loss.get("detach_teacher", False)),
+        "step_s": seconds, "images_per_s": B / seconds, "regions_per_s": B * R / seconds,
+        "peak_memory_gb": peak_gb, "step_tflop": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,
+        "mfu": flops / seconds / peak if peak else None, "parts_s": parts,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        ann = write_jpeg_dataset(Path(tmp), cfg.loader.images, tuple(cfg.loader.source_size), R)
+        result["loader_images_per_s"] = {
+            str(w): loader_rate(ann, size, B, w, cfg.loader.batches, device.type == "cuda") for w in cfg.loader.workers
+        }
+    return result
+
+
+def format_result(r: dict) -> str:
+    flags = [r["precision"]] + [k for k in ("compile", "grad_checkpointing") if r[k]]
+    if r["detach_teacher"]:
+        flags.append("detach_teacher")
+    if r["crop_chunk"]:
+        flags.append(f"crop_chunk={r['crop_chunk']}")
+    lines = [
+        f"{r['model']} @ {r['image_size']} px, batch {r['batch_size']} x {r['regions_per_image']} regions, "
+        f"{r['device']}, {', '.join(flags)}, losses {r['losses']}",
+        "| images/s | regions/s | step (ms) | peak memory (GB) | TFLOP/step | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|",
+        "| {:.1f} | {:.0f} | {:.1f} | {} | {:.2f} | {:.1f} | {} |".format(
+            r["images_per_s"], r["regions_per_s"], 1000 * r["step_s"],
+            f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "—",
+            r["step_tflop"], r["achieved_tflops"], f"{100 * r['mfu']:.0f} %" if r["mfu"] else "—",
+        ),
+        "",
+        "| part (synchronised) | ms | share |",
+        "|---|---|---|",
+    ]
+    total = sum(r["parts_s"].values())
+    lines += [f"| {k} | {1000 * v:.1f} | {100 * v / total:.0f} % |" for k, v in r["parts_s"].items()]
+    lines += ["", "| loader workers | images/s |", "|---|---|"]
+    lines += [f"| {w} | {v:.0f} |" for w, v in r["loader_images_per_s"].items()]
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="benchmark", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from fineclip.train import USER_ERRORS
+
+    try:
+        result = run(cfg)
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        sys.exit(1)
+    print(format_result(result))
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Collect finished runs into one results table (markdown on stdout, optionally csv).
+
+    python -m fineclip.results runs/multirun/synthetic_table1/<date_time> [more run or multirun dirs] --csv results.csv
+
+Each argument is a run directory (holds ``config.yaml``) or a multirun directory (its
+sub-folders are runs, taken in job order). A row: the run's label (the overrides that set it
+apart from the other jobs of its sweep, or its ``name``), its loss weights, box top-1/top-5,
+I2T/T2I R@1, the mean time per epoch and the peak memory (GPU: allocated; CPU: process RSS).
+A run without ``eval.json`` (failed or unfinished) keeps its row, with empty metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+COLUMNS = (  # (key, header, format)
+    ("box/top1", "box top-1", "{:.1f}"),
+    ("box/top5", "box top-5", "{:.1f}"),
+    ("box/crop_top1", "crop top-1", "{:.1f}"),
+    ("box/thing_top1", "thing top-1", "{:.1f}"),
+    ("box/stuff_top1", "stuff top-1", "{:.1f}"),
+    ("retrieval/i2t_r1", "I2T R@1", "{:.1f}"),
+    ("retrieval/t2i_r1", "T2I R@1", "{:.1f}"),
+    ("epoch_time_s", "time/epoch (s)", "{:.0f}"),
+    ("peak_memory_gb", "peak mem (GB)", "{:.2f}"),
+)
+
+
+@dataclass
+class RunResult:
+    path: Path
+    name: str
+    overrides: list[str]
+    loss_weights: str
+    values: dict[str, float] = field(default_factory=dict)
+    label: str = ""
+
+
+def _job_number(path: Path) -> tuple[int, str]:
+    match = re.match(r"(\d+)", path.name)
+    return (int(match.group(1)) if match else sys.maxsize, path.name)
+
+
+def find_runs(path: Path) -> list[list[Path]]:
+    """Groups of run directories: [path] for a run, its job folders (in job order) for a multirun."""
+    if (path / "config.yaml").is_file():
+        return [[path]]
+    jobs = sorted((p for p in path.iterdir() if (p / "config.yaml").is_file() or (p / ".hydra").is_dir()),
+                  key=_job_number) if path.is_dir() else []
+    if not jobs:
+        raise FileNotFoundError(f"{path} is neither a run directory (config.yaml) nor a multirun directory")
+    return [jobs]
+
+
+def read_run(run_dir: Path) -> RunResult:
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) or [] if overrides_file.is_file() else []
+    loss = config.get("loss", {})
+    weights = "/".join(f"{loss.get(k, 0):g}" for k in ("gc_weight", "sd_weight", "rc_weight")) if loss else ""
+    result = RunResult(run_dir, config.get("name", run_dir.name), list(overrides), weights)
+    if (run_dir / "eval.json").is_file():
+        result.values.update(json.loads((run_dir / "eval.json").read_text()))
+    epoch_times, peaks = [], []
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if "epoch/time_s" in record:
+                epoch_times.append(record["epoch/time_s"])
+                peaks.append(record["epoch/peak_memory_gb"])
+    if epoch_times:
+        result.values["epoch_time_s"] = sum(epoch_times) / len(epoch_times)
+        result.values["peak_memory_gb"] = max(peaks)
+    return result
+
+
+def collect(paths: list[str | Path]) -> list[RunResult]:
+    """Every run under ``paths``, labelled by what distinguishes it within its sweep."""
+    rows = []
+    for path in paths:
+        for group in find_runs(Path(path)):
+            results = [read_run(p) for p in group]
+            common = set.intersection(*(set(r.overrides) for r in results)) if len(results) > 1 else None
+            for r in results:
+                own = [o for o in r.overrides if common is not None and o not in common]
+                r.label = " ".join(own) or r.name
+            rows.extend(results)
+    return rows
+
+
+def markdown_table(rows: list[RunResult]) -> str:
+    columns = [c for c in COLUMNS if any(c[0] in r.values for r in rows)]
+    header = ["#", "run", "GC/SD/RC weights", *(c[1] for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, r in enumerate(rows, 1):
+        cells = [fmt.format(r.values[key]) if key in r.values else "—" for key, _, fmt in columns]
+        lines.append("| " + " | ".join([str(i), r.label, r.loss_weights, *cells]) + " |")
+    missing = [r for r in rows if "box/top1" not in r.values and "retrieval/i2t_r1" not in r.values]
+    if missing:
+        lines.append("")
+        lines.append(f"{len(missing)} run(s) without eval.json (failed or unfinished): "
+                     + ", ".join(str(r.path) for r in missing))
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[RunResult], path: str | Path) -> None:
+    keys = [c[0] for c in COLUMNS]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "path", "gc/sd/rc weights", *keys])
+        for r in rows:
+            writer.writerow([r.label, str(r.path), r.loss_weights, *(r.values.get(k, "") for k in keys)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="run directories and/or multirun directories, in row order")
+    parser.add_argument("--csv", help="also write the table as csv to this file")
+    args = parser.parse_args(argv)
+    try:
+        rows = collect(args.paths)
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+    print(markdown_table(rows))
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"\nwrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The results table from run and multirun directories."""
+
+import csv
+import json
+
+import yaml
+
+from fineclip.results import collect, main
+
+
+def _fake_run(path, overrides, loss, metrics=None, epochs=()):
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = {"name": "table", "loss": {"gc_weight": loss[0], "sd_weight": loss[1], "rc_weight": loss[2]}}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    if metrics is not None:
+        (path / "eval.json").write_text(json.dumps(metrics))
+    lines = [{"step": 10, "train/loss": 1.0}]
+    lines += [{"step": 20 * (i + 1), "epoch": i, "epoch/time_s": t, "epoch/peak_memory_gb": m} for i, (t, m) in
+              enumerate(epochs)]
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_rows_follow_job_order_with_labels_averages_and_failures(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    common = ["+experiment=x", "trainer.progress=False"]
+    metrics = {"box/top1": 45.94, "box/top5": 99.0, "retrieval/i2t_r1": 80.0, "retrieval/t2i_r1": 70.25}
+    _fake_run(sweep / "10_loss=fineclip", [*common, "loss=fineclip"], (1, 1, 1), metrics, [(10.0, 1.0), (14.0, 1.5)])
+    _fake_run(sweep / "2_loss=clip", [*common, "loss=clip"], (1, 0, 0), {"box/top1": 25.0}, [(4.0, 0.5)])
+    _fake_run(sweep / "3_loss=sd", [*common, "loss=sd"], (0, 1, 0))  # failed: no eval.json
+    (sweep / "multirun.yaml").write_text("{}")
+    single = tmp_path / "pretrained"
+    _fake_run(single, ["+experiment=pre"], (1, 0, 0), {"box/top1": 26.0}, [(30.0, 2.0)])
+
+    rows = collect([single, sweep])
+    assert [r.label for r in rows] == ["table", "loss=clip", "loss=sd", "loss=fineclip"]  # job 2 < 3 < 10
+    assert rows[3].values["epoch_time_s"] == 12.0 and rows[3].values["peak_memory_gb"] == 1.5
+    assert rows[3].loss_weights == "1/1/1" and "box/top1" not in rows[2].values
+
+    out = tmp_path / "results.csv"
+    main([str(single), str(sweep), "--csv", str(out)])
+    table = capsys.readouterr().out
+    assert "| 4 | loss=fineclip | 1/1/1 | 45.9 | 99.0 | 80.0 | 70.2 | 12 | 1.50 |" in table
+    assert "1 run(s) without eval.json" in table and "3_loss=sd" in table
+    with open(out, newline="") as f:
+        records = list(csv.DictReader(f))
+    assert [r["run"] for r in records] == ["table", "loss=clip", "loss=sd", "loss=fineclip"]
+    assert float(records[3]["retrieval/t2i_r1"]) == 70.25 and records[2]["box/top1"] == ""
