@@ -24,7 +24,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from fineclip.data import RegionCaptionDataset, collate_regions
@@ -124,8 +124,13 @@ class Step:
         return times
 
 
-def step_flops(step: Step, batch: dict) -> float:
-    """FLOPs of one full step (forward + backward) counted by torch's FlopCounterMode."""
+def model_flops(cfg: DictConfig, batch: dict, device, precision: str) -> float:
+    """Model FLOPs of one step (forward + backward, no recomputation), counted by FlopCounterMode
+    on a fresh eager copy (no compile, no checkpointing) after one step has filled its text cache."""
+    model = instantiate(cfg.model, checkpoint=None).to(device).train()
+    loss_fn = instantiate(cfg.loss).to(device)
+    step = Step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0), device, precision)
+    step(batch)
     with FlopCounterMode(display=False) as counter:
         step(batch)
     return float(counter.get_total_flops())
@@ -154,8 +159,9 @@ def write_jpeg_dataset(folder: Path, count: int, size: tuple[int, int], regions:
 def loader_rate(ann_file: Path, image_size: int, batch_size: int, workers: int, batches: int, pin: bool) -> float:
     """Images/s of the training data loader alone (decode, resize, collate, pinned memory)."""
     dataset = RegionCaptionDataset.from_file(str(ann_file), image_size=image_size, train=True, max_regions=20)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=pin,
-                        collate_fn=collate_regions, drop_last=True, persistent_workers=False)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=batch_size * (batches + 1))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                        collate_fn=collate_regions, drop_last=True)
     it = iter(loader)
     next(it)  # start-up of the workers is not counted
     start, seen = time.perf_counter(), 0
@@ -202,12 +208,7 @@ def run(cfg: DictConfig) -> dict:
     for i in range(cfg.breakdown_steps):
         for name, t in step.timed(batches[i % 4]).items():
             parts[name] = parts.get(name, 0.0) + t / cfg.breakdown_steps
-    flops = step_flops(step, batches[0]) if not cfg.trainer.compile else None
-    if flops is None:  # counting through compiled blocks is unreliable: count on an eager copy
-        eager = instantiate(cfg.model, checkpoint=None, crop_chunk=cfg.crop_chunk).to(device).train()
-        flops = step_flops(Step(eager, loss_fn, instantiate(cfg.optim.optimizer, model=eager), device, precision),
-                           batches[0])
-        del eager
+    flops = model_flops(cfg, batches[0], device, precision)
     peak = device_peak_flops(device)
     result = {
         "model": cfg.model.name, "image_size": size, "batch_size": B, "regions_per_image": R,
