@@ -101,10 +101,12 @@ def training_step(model, loss_fn: CompositeLoss, batch: dict) -> tuple[torch.Ten
 
 
 def compile_blocks(model: FineCLIPModel) -> None:
-    """torch.compile every transformer block in place (works whichever path calls them)."""
+    """torch.compile every transformer block in place (works whichever path calls them), and the
+    whole image tower's forward, which the crop pass runs (one graph from pixels to embedding)."""
     for module in model.clip.modules():
         if type(module).__name__ in ("ResidualAttentionBlock", "CustomResidualAttentionBlock", "EvaBlock", "Block"):
             module.compile()
+    model.clip.visual.compile()
 
 
 class StopRequest:
