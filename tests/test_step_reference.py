@@ -31,7 +31,8 @@ def reference_loss(model, batch, detach_teacher=False, crop_scale=1.5):
         pooled = roi_align(dense[int(b) : int(b) + 1], box, (1, 1), spatial_scale=h / H, aligned=True)
         region_emb.append(F.normalize(pooled.flatten(), dim=0))
         cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) * crop_scale / 2, (y2 - y1) * crop_scale / 2
-        big = torch.tensor([[0.0, max(cx - hw, 0), max(cy - hh, 0), min(cx + hw, W), min(cy + hh, H)]], dtype=dense.dtype)
+        big = [0.0, max(cx - hw, 0), max(cy - hh, 0), min(cx + hw, W), min(cy + hh, H)]
+        big = torch.tensor([big], dtype=dense.dtype)
         crop = roi_align(pixels[int(b) : int(b) + 1], big, (H, W), spatial_scale=1.0, aligned=True)
         crop_emb.append(F.normalize(model.clip.encode_image(crop)[0], dim=0))
     region_emb, crop_emb = torch.stack(region_emb), torch.stack(crop_emb)
@@ -65,7 +66,7 @@ def test_optimised_step_equals_the_reference_step(tiny_model, detach_teacher):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], grad, rtol=1e-8, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_chunked_crop_pass_gives_the_same_loss_and_gradients(tiny_model):
