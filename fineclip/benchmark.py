@@ -179,7 +179,7 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(0)
     if cfg.model.get("checkpoint"):
         log.info("benchmark uses random weights: model.checkpoint is ignored")
-    model: FineCLIPModel = instantiate(cfg.model, checkpoint=None, crop_chunk=cfg.crop_chunk).to(device)
+    model: FineCLIPModel = instantiate(cfg.model, checkpoint=None).to(device)
     if cfg.trainer.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     if cfg.trainer.compile:
@@ -214,7 +214,7 @@ def run(cfg: DictConfig) -> dict:
         "model": cfg.model.name, "image_size": size, "batch_size": B, "regions_per_image": R,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision, "compile": bool(cfg.trainer.compile),
-        "grad_checkpointing": bool(cfg.trainer.grad_checkpointing), "crop_chunk": cfg.crop_chunk,
+        "grad_checkpointing": bool(cfg.trainer.grad_checkpointing), "crop_chunk": model.crop_chunk,
         "losses": dict(loss_fn.weights), "detach_teacher": bool(cfg.loss.get("detach_teacher", False)),
         "step_s": seconds, "images_per_s": B / seconds, "regions_per_s": B * R / seconds,
         "peak_memory_gb": peak_gb, "step_tflop": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,

@@ -66,6 +66,8 @@ def read_run(run_dir: Path) -> RunResult:
     overrides = yaml.safe_load(overrides_file.read_text()) or [] if overrides_file.is_file() else []
     loss = config.get("loss", {})
     weights = "/".join(f"{loss.get(k, 0):g}" for k in ("gc_weight", "sd_weight", "rc_weight")) if loss else ""
+    if loss.get("crop_weight"):
+        weights += f" + {loss['crop_weight']:g}·crop"
     result = RunResult(run_dir, config.get("name", run_dir.name), list(overrides), weights)
     if (run_dir / "eval.json").is_file():
         result.values.update(json.loads((run_dir / "eval.json").read_text()))

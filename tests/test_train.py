@@ -161,3 +161,34 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
     skipped = _run("fineclip.train", *common, "trainer.on_nonfinite=skip", f"hydra.run.dir={tmp_path / 'skip'}",
                    cwd=tmp_path)
     assert skipped.returncode == 0 and "step skipped (5 so far)" in skipped.stdout + skipped.stderr
+
+
+def test_evaluation_during_training_uses_the_configured_benchmark(tmp_path):
+    """eval.benchmark (any data config) is what is evaluated every epoch and at the end."""
+    from fineclip.engine.trainer import train
+    from fineclip.eval import evaluate
+    from fineclip.eval.runner import build_eval_set
+
+    overrides = [
+        f"cache_dir={tmp_path / 'cache'}", "data.synthetic.train=32", "data.synthetic.val=8", "data.batch_size=16",
+        "trainer.epochs=2", "trainer.eval_every=1", "trainer.progress=false", "optim.scheduler.warmup_steps=1",
+        "+data@eval.benchmark=synthetic", "eval.benchmark.synthetic.seed=7", "eval.benchmark.synthetic.train=4",
+        "eval.benchmark.synthetic.val=12",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    from fineclip.data.synthetic import prepare_synthetic
+
+    prepare_synthetic(cfg.data)
+    metrics = train(cfg, tmp_path / "run")
+    assert cfg.eval.benchmark.root.endswith("synthetic-s7-n4-64px")
+    benchmark = build_eval_set(cfg, image_size=64)
+    assert len(benchmark) == 12
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "val/box/top1" in r] == [2, 4]  # after epoch 1, and the end
+    model = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    from hydra.utils import instantiate
+
+    fresh = instantiate(cfg.model)
+    fresh.load_state_dict(model)
+    assert evaluate(fresh, benchmark, templates=list(cfg.data.templates), progress=False) == pytest.approx(metrics)
