@@ -24,3 +24,10 @@ def check_required_paths(cfg: DictConfig) -> None:
         name = cfg.get("name", "this experiment")
         raise ConfigError(f"{name} needs these paths:\n" + "\n".join(problems) + "\nset them on the command line, e.g. "
                           + " ".join(f"{k}=/path" for k in cfg.required_paths))
+
+
+def require_data_root(data_cfg: DictConfig, key: str = "data") -> None:
+    """A data config with a ``root`` key needs it set: its paths are built from it."""
+    if "root" in data_cfg and data_cfg.get("root") in (None, "", "???"):
+        raise ConfigError(f"{key}.root is not set: give the local folder of this data set, e.g. {key}.root=/data/coco "
+                          "(what it must hold is written at the top of its configs/data/*.yaml)")

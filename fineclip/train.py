@@ -12,7 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fineclip.config_checks import ConfigError, check_required_paths
+from fineclip.config_checks import ConfigError, check_required_paths, require_data_root
 from fineclip.data import AnnotationError, ImageLoadError
 from fineclip.data.synthetic import prepare_synthetic
 from fineclip.models import CheckpointError
@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> float | None:
     dist_info = distributed.init_distributed("cuda" if on_gpu else "cpu")
     try:
         check_required_paths(cfg)
+        require_data_root(cfg.data)
         if dist_info.is_main:
             prepare_synthetic(cfg.data)
         distributed.barrier()

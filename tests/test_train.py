@@ -192,3 +192,9 @@ def test_evaluation_during_training_uses_the_configured_benchmark(tmp_path):
     fresh = instantiate(cfg.model)
     fresh.load_state_dict(model)
     assert evaluate(fresh, benchmark, templates=list(cfg.data.templates), progress=False) == pytest.approx(metrics)
+
+
+def test_a_benchmark_without_its_root_fails_naming_the_key(tmp_path):
+    result = _run("fineclip.evaluate", "data=coco_panoptic", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    message = result.stdout + result.stderr
+    assert result.returncode == 1 and "data.root is not set" in message and "Traceback" not in message

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fineclip.config_checks import require_data_root
 from fineclip.data import RegionCaptionDataset, collate_regions
 from fineclip.data.synthetic import prepare_synthetic
 from fineclip.eval.metrics import box_accuracy, retrieval_recall
@@ -129,6 +130,7 @@ def build_eval_set(cfg: DictConfig, image_size: int) -> RegionCaptionDataset | N
     source = evaluation_source(cfg)
     if source.get("val") is None:
         return None
+    require_data_root(source, "eval.benchmark" if cfg.eval.get("benchmark") else "data")
     prepare_synthetic(source)
     return instantiate(source.val, image_size=image_size)
 
