@@ -114,10 +114,9 @@ class Step:
             elif NO_GRAD_CROPS in need:
                 with torch.no_grad():
                     features["crop_emb"] = lap("crop pass", lambda: model.encode_crops(pixels, batch["regions"]))
-            texts = list(batch["captions"]) + list(batch["region_captions"])
-            text = lap("text", lambda: model.encode_text(texts))
-            features["text_emb"], features["region_text_emb"] = text[: len(batch["captions"])], text[
-                len(batch["captions"]) :]
+            n_captions = len(batch["captions"])
+            text = lap("text", lambda: model.encode_text(list(batch["captions"]) + list(batch["region_captions"])))
+            features["text_emb"], features["region_text_emb"] = text[:n_captions], text[n_captions:]
             loss, _ = lap("losses", lambda: self.loss_fn(features))
         lap("backward", loss.backward)
         lap("optimizer", lambda: (self.optimizer.step(), self.optimizer.zero_grad(set_to_none=True)))

@@ -63,7 +63,7 @@ def find_runs(path: Path) -> list[list[Path]]:
 def read_run(run_dir: Path) -> RunResult:
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) or [] if overrides_file.is_file() else []
+    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
     loss = config.get("loss", {})
     weights = "/".join(f"{loss.get(k, 0):g}" for k in ("gc_weight", "sd_weight", "rc_weight")) if loss else ""
     if loss.get("crop_weight"):
