@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,12 +26,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
+from fineclip.cli import CONFIG_DIR, exit_on_user_error
 from fineclip.data import RegionCaptionDataset, collate_regions
-from fineclip.engine.trainer import autocast_context, compile_blocks, resolve_device, resolve_precision
+from fineclip.data.random_batch import random_batch
+from fineclip.engine.distributed import resolve_device
+from fineclip.engine.step import resolve_precision, train_step
+from fineclip.engine.trainer import compile_blocks, freeze_unused_parameters
 from fineclip.losses import CompositeLoss
 from fineclip.models import FineCLIPModel
-from fineclip.models.fineclip_model import NO_GRAD_CROPS
-from fineclip.train import CONFIG_DIR
+from fineclip.timing import timed_sections
 
 log = logging.getLogger("fineclip.benchmark")
 
@@ -47,80 +49,26 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
-def random_batch(batch_size: int, regions_per_image: int, image_size: int, step: int, device) -> dict:
-    """Random uint8 images, ``regions_per_image`` boxes of 10-60 % of the side per image, captions
-    that are new at every step (a cold text cache) unless the text tower caches them."""
-    g = torch.Generator().manual_seed(step)
-    images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g)
-    m = batch_size * regions_per_image
-    side = image_size * (0.1 + 0.5 * torch.rand(m, 2, generator=g))
-    corner = (image_size - side) * torch.rand(m, 2, generator=g)
-    index = torch.arange(batch_size).repeat_interleave(regions_per_image).float()[:, None]
-    regions = torch.cat([index, corner, corner + side], dim=1)
-    return {
-        "images": images.to(device),
-        "regions": regions.to(device),
-        "captions": [f"caption {i} of step {step % 4}" for i in range(batch_size)],
-        "region_captions": [f"region {j} of step {step % 4}" for j in range(m)],
-    }
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 class Step:
-    """One training step, as the trainer runs it, with optional per-part timing."""
+    """The trainer's ``train_step`` on one batch (no NaN check: no host-device synchronisation)."""
 
     def __init__(self, model: FineCLIPModel, loss_fn: CompositeLoss, optimizer, device, precision: str):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.device, self.precision = device, precision
-        self.need = loss_fn.required_features
 
     def __call__(self, batch: dict) -> torch.Tensor:
-        with autocast_context(self.device, self.precision):
-            features = self.model(batch["images"], batch["captions"], batch["regions"], batch["region_captions"],
-                                  need=self.need)
-            loss, _ = self.loss_fn(features)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.clamp_logit_scale()
-        return loss.detach()
+        return train_step(self.model, self.loss_fn, self.optimizer, [batch], precision=self.precision).loss
 
     def timed(self, batch: dict) -> dict[str, float]:
-        """The same step, part by part, synchronising after each part: seconds per part."""
-        model, need, times = self.model, self.need, {}
-
-        def lap(name, fn):
-            sync(self.device)
-            start = time.perf_counter()
-            result = fn()
-            sync(self.device)
-            times[name] = times.get(name, 0.0) + time.perf_counter() - start
-            return result
-
-        with autocast_context(self.device, self.precision):
-            pixels = model.normalize_pixels(batch["images"])
-            features = {"logit_scale": model.logit_scale}
-            if {"region_emb", "dense"} & set(need):
-                features["image_emb"], dense = lap("trunk pass", lambda: model.encode_image_dense(pixels))
-                features["region_emb"] = model.pool_regions(dense, batch["regions"])
-            elif "image_emb" in need:
-                features["image_emb"] = lap("trunk pass", lambda: model.encode_image(pixels))
-            if "crop_emb" in need:
-                features["crop_emb"] = lap("crop pass", lambda: model.encode_crops(pixels, batch["regions"]))
-            elif NO_GRAD_CROPS in need:
-                with torch.no_grad():
-                    features["crop_emb"] = lap("crop pass", lambda: model.encode_crops(pixels, batch["regions"]))
-            n_captions = len(batch["captions"])
-            text = lap("text", lambda: model.encode_text(list(batch["captions"]) + list(batch["region_captions"])))
-            features["text_emb"], features["region_text_emb"] = text[:n_captions], text[n_captions:]
-            loss, _ = lap("losses", lambda: self.loss_fn(features))
-        lap("backward", loss.backward)
-        lap("optimizer", lambda: (self.optimizer.step(), self.optimizer.zero_grad(set_to_none=True)))
-        return times
+        """The same step, synchronising around each of its named sections: seconds per section."""
+        with timed_sections(self.device) as times:
+            self(batch)
+        return dict(times)
 
 
 def model_flops(cfg: DictConfig, batch: dict, device, precision: str) -> float:
@@ -181,10 +129,11 @@ def run(cfg: DictConfig) -> dict:
     model: FineCLIPModel = instantiate(cfg.model, checkpoint=None).to(device)
     if cfg.trainer.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
-    if cfg.trainer.compile:
-        compile_blocks(model)
     model.train()
     loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
+    freeze_unused_parameters(model, loss_fn, precision)  # as the trainer does, before compiling
+    if cfg.trainer.compile:
+        compile_blocks(model)
     optimizer = instantiate(cfg.optim.optimizer, model=model)
     size = model.image_size[0]
     B, R = cfg.batch_size, cfg.regions_per_image
@@ -256,13 +205,7 @@ def format_result(r: dict) -> str:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from fineclip.train import USER_ERRORS
-
-    try:
-        result = run(cfg)
-    except USER_ERRORS as err:
-        log.error("%s", err)
-        sys.exit(1)
+    result = exit_on_user_error(lambda: run(cfg), log)
     print(format_result(result))
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(result, indent=2))

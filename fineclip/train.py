@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fineclip.config_checks import ConfigError, check_required_paths, require_data_root
-from fineclip.data import AnnotationError, ImageLoadError
+from fineclip.cli import CONFIG_DIR, check_config, exit_on_user_error
 from fineclip.data.synthetic import prepare_synthetic
-from fineclip.models import CheckpointError
+from fineclip.engine import distributed
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-USER_ERRORS = (ConfigError, AnnotationError, ImageLoadError, CheckpointError, FileNotFoundError)
 log = logging.getLogger("fineclip.train")
 
 
-def shared_run_dir(own_dir: str, dist_info) -> Path:
+def shared_run_dir(own_dir: str, dist_info: distributed.DistInfo) -> Path:
     """Rank 0's Hydra output folder, for every rank. Under torchrun each rank composes the config
     itself and a timestamped folder may differ by a second: the others' copy is removed."""
     if not dist_info.enabled:
@@ -36,27 +31,27 @@ def shared_run_dir(own_dir: str, dist_info) -> Path:
     return Path(holder[0])
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    from fineclip.engine import distributed
-    from fineclip.engine.trainer import NonFiniteLossError, train
+def run(cfg: DictConfig) -> dict:
+    from fineclip.engine.trainer import train
 
-    on_gpu = torch.cuda.is_available() and cfg.trainer.device != "cpu"
-    dist_info = distributed.init_distributed("cuda" if on_gpu else "cpu")
+    check_config(cfg)
+    # this rank's GPU is bound before the process group exists (NCCL: one GPU per rank)
+    dist_info, _ = distributed.init_distributed(cfg.trainer.device)
     try:
-        check_required_paths(cfg)
-        require_data_root(cfg.data)
         if dist_info.is_main:
             prepare_synthetic(cfg.data)
         distributed.barrier()
         run_dir = shared_run_dir(HydraConfig.get().runtime.output_dir, dist_info)
-        metrics = train(cfg, run_dir, dist_info)
-    except (*USER_ERRORS, NonFiniteLossError) as err:
-        log.error("%s", err)
-        sys.exit(1)
+        return train(cfg, run_dir, dist_info)
     finally:
         distributed.cleanup()
-    return metrics.get("box/top1")
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    metrics = exit_on_user_error(lambda: run(cfg), log)
+    value = metrics.get("box/top1")
+    return value if isinstance(value, float) else None
 
 
 if __name__ == "__main__":

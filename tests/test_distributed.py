@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from fineclip.engine.trainer import training_step
+from fineclip.engine.step import forward_loss
 from fineclip.losses import FineCLIPLoss
 from fineclip.models import create_model
 
@@ -45,7 +45,7 @@ def _rank_slice(batch, rank):
 
 
 def _run(model, batch):
-    loss, parts = training_step(model, FineCLIPLoss(), batch)
+    loss, parts = forward_loss(model, FineCLIPLoss(), batch)
     loss.backward()
     module = model.module if hasattr(model, "module") else model
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}

@@ -42,7 +42,7 @@ def test_crop_term_contrasts_crop_embeddings_and_ignores_pooled_features():
     crop, tr, pooled = _unit(6, 8, 4), _unit(6, 8, 5), _unit(6, 8, 6)
     feats = {"crop_emb": crop, "region_emb": pooled, "region_text_emb": tr, "logit_scale": torch.tensor(5.0)}
     loss_fn = FineCLIPLoss(gc_weight=0, sd_weight=0, rc_weight=0, crop_weight=1)
-    assert loss_fn.required_features == {"crop_emb", "region_text_emb"}
+    assert loss_fn.required_features == {"crop_emb", "region_text_emb", "logit_scale"}
     total, parts = loss_fn(feats)
     assert set(parts) == {"crop"}
     assert total.item() == pytest.approx(_infonce_by_hand(crop.double(), tr.double(), 5.0), rel=1e-5)
@@ -105,6 +105,7 @@ def test_composite_weights_and_skipped_terms():
     no_sd = FineCLIPLoss(sd_weight=0.0)
     assert "crop_emb" not in no_sd.required_features and set(no_sd.terms) == {"gc", "rc"}
     clip_only = FineCLIPLoss(sd_weight=0.0, rc_weight=0.0)
-    assert clip_only.required_features == {"image_emb", "text_emb"}
+    assert clip_only.required_features == {"image_emb", "text_emb", "logit_scale"}
+    assert "logit_scale" not in FineCLIPLoss(gc_weight=0, rc_weight=0).required_features  # L_SD alone
     with pytest.raises(ValueError):
         FineCLIPLoss(gc_weight=0, sd_weight=0, rc_weight=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fineclip.engine.trainer import training_step
+from fineclip.engine.step import forward_loss
 from fineclip.losses import FineCLIPLoss
 from fineclip.models import create_model, crop_regions, enlarge_boxes
 
@@ -167,9 +167,9 @@ def test_no_crop_forward_when_self_distillation_is_off(tiny_model, monkeypatch):
     calls = []
     original = tiny_model.encode_image
     monkeypatch.setattr(tiny_model, "encode_image", lambda pixels: calls.append(pixels.shape) or original(pixels))
-    training_step(tiny_model, FineCLIPLoss(sd_weight=0.0), _batch())
+    forward_loss(tiny_model, FineCLIPLoss(sd_weight=0.0), _batch())
     assert calls == []
-    training_step(tiny_model, FineCLIPLoss(sd_weight=1.0), _batch())
+    forward_loss(tiny_model, FineCLIPLoss(sd_weight=1.0), _batch())
     assert calls == [torch.Size([3, 3, 64, 64])]  # one batched forward of the 3 crops
 
 
@@ -184,7 +184,7 @@ def test_frozen_text_tower_is_cached_and_not_trained(frozen_text_model):
     torch.testing.assert_close(again, first[[1, 0]])
     direct = F.normalize(model.clip.encode_text(model.tokenizer(["a blue square"])), dim=-1)
     torch.testing.assert_close(again[0], direct[0], rtol=1e-5, atol=1e-6)
-    loss, _ = training_step(model, FineCLIPLoss(), _batch())
+    loss, _ = forward_loss(model, FineCLIPLoss(), _batch())
     loss.backward()
     assert all(p.grad is None for p in text_params)
     assert model.clip.visual.conv1.weight.grad.abs().sum() > 0
@@ -240,7 +240,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, mo
 
     def step():
         tiny_model.zero_grad()
-        loss, _ = training_step(tiny_model, FineCLIPLoss(), _batch())
+        loss, _ = forward_loss(tiny_model, FineCLIPLoss(), _batch())
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
 
@@ -252,3 +252,35 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, mo
     assert loss_ckpt == pytest.approx(loss, rel=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_text_cache_keeps_one_host_table_and_moves_only_the_batch_rows():
+    import zlib
+
+    from fineclip.models.text_cache import TextEmbeddingCache
+
+    def embed(text):
+        g = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+        return F.normalize(torch.randn(8, generator=g), dim=0)
+
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return torch.stack([embed(t) for t in texts])
+
+    cache = TextEmbeddingCache(dtype=torch.float16)
+    out = cache.lookup(["a dog", "a cat", "a dog"], encode, torch.device("cpu"))
+    assert calls == [["a dog", "a cat"]] and len(cache) == 2
+    assert out.dtype == torch.float32  # the encoder's dtype, from an fp16 table
+    torch.testing.assert_close(out, torch.stack([embed(t) for t in ("a dog", "a cat", "a dog")]).half().float())
+    texts = [f"caption {i}" for i in range(5000)]
+    for start in range(0, 5000, 700):  # the table grows; every row stays what it was
+        cache.lookup(texts[start : start + 700], encode, torch.device("cpu"))
+    assert len(cache) == 5002 and cache.encoded == 5002
+    assert cache._table.device.type == "cpu" and cache._table.dtype == torch.float16
+    assert cache.host_bytes == cache._table.shape[0] * 8 * 2 and cache._table.shape[0] >= 5002
+    again = cache.lookup(texts[::997], encode, torch.device("meta"))  # rows go to the asking device
+    assert again.device.type == "meta" and again.shape == (6, 8) and cache.encoded == 5002
+    torch.testing.assert_close(cache.lookup(texts[::997], encode, torch.device("cpu")),
+                               torch.stack([embed(t) for t in texts[::997]]).half().float())

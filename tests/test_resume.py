@@ -17,6 +17,7 @@ COMMON = [
     "optim.scheduler.warmup_steps=2",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TIMEOUT = 300  # seconds for any one training command: a hung run fails the test instead of CI
 
 
 def _cmd(tmp_path, run_dir, *extra):
@@ -32,7 +33,9 @@ def _wait_for(path, process, timeout=120):
     start = time.time()
     while not path.exists():
         assert process.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() - start < timeout
+        if time.time() - start > timeout:
+            process.kill()
+            pytest.fail(f"{path.name} was not written within {timeout} s")
         time.sleep(0.01)
 
 
@@ -40,7 +43,7 @@ def _wait_for(path, process, timeout=120):
 def reference_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     run_dir = tmp / "run"
-    done = subprocess.run(_cmd(tmp, run_dir), env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cmd(tmp, run_dir), env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
@@ -53,11 +56,12 @@ def _assert_same_weights(a, b):
 
 def test_sigkill_mid_epoch_then_resume_auto_is_exact(tmp_path, reference_run):
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(_cmd(tmp_path, run_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(_cmd(tmp_path, run_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(run_dir / "checkpoints" / "step_00000010.pt", process)  # epoch 2 is steps 9-16
     process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    done = subprocess.run(_cmd(tmp_path, run_dir, "trainer.resume=auto"), env=ENV, capture_output=True, text=True)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    done = subprocess.run(_cmd(tmp_path, run_dir, "trainer.resume=auto"), env=ENV, capture_output=True, text=True,
+                          timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout + done.stderr
     _assert_same_weights(_weights(run_dir), _weights(reference_run))
@@ -77,18 +81,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, reference_run):
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert saved["global_step"] >= 4 and saved["global_step"] < 24
     # and the run continues from there to the same result as an uninterrupted one
-    done = subprocess.run(_cmd(tmp_path, run_dir, "trainer.resume=auto"), env=ENV, capture_output=True, text=True)
+    done = subprocess.run(_cmd(tmp_path, run_dir, "trainer.resume=auto"), env=ENV, capture_output=True, text=True,
+                          timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_weights(_weights(run_dir), _weights(reference_run))
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference_run):
     run_dir = tmp_path / "run"
-    first = subprocess.run(_cmd(tmp_path, run_dir, "trainer.epochs=1"), env=ENV, capture_output=True, text=True)
+    first = subprocess.run(_cmd(tmp_path, run_dir, "trainer.epochs=1"), env=ENV, capture_output=True, text=True,
+                           timeout=TIMEOUT)
     assert first.returncode == 0, first.stderr[-3000:]
     newest = run_dir / "checkpoints" / "step_00000008.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
-    done = subprocess.run(_cmd(tmp_path, run_dir, "trainer.resume=auto"), env=ENV, capture_output=True, text=True)
+    done = subprocess.run(_cmd(tmp_path, run_dir, "trainer.resume=auto"), env=ENV, capture_output=True, text=True,
+                          timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert "step_00000008.pt" in output and "falling back" in output
@@ -102,7 +109,7 @@ def test_torchrun_two_processes_give_the_one_process_metrics(tmp_path, reference
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fineclip.train",
            f"cache_dir={tmp_path.parent / 'cache'}", *COMMON, "data.batch_size=4", f"hydra.run.dir={run_dir}"]
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((reference_run / "eval.json").read_text())
     two = json.loads((run_dir / "eval.json").read_text())

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fineclip.train import CONFIG_DIR
+from fineclip.cli import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
               "optim.optimizer.lr=1e30", "optim.scheduler.warmup_steps=0"]  # the first step blows the weights up
     blown = _run("fineclip.train", *common, f"hydra.run.dir={tmp_path / 'stop'}", cwd=tmp_path)
     output = blown.stdout + blown.stderr
-    assert blown.returncode == 1 and "non-finite loss at step 1" in output and "Traceback" not in output
+    assert blown.returncode == 1 and "non-finite loss at step 2" in output and "Traceback" not in output
     checkpoints = sorted(p.name for p in (tmp_path / "stop" / "checkpoints").glob("step_*.pt"))
     assert checkpoints == ["step_00000001.pt"]  # the last checkpoint before the bad step, intact
     torch.load(tmp_path / "stop" / "checkpoints" / "step_00000001.pt", weights_only=True)
@@ -198,3 +198,54 @@ def test_a_benchmark_without_its_root_fails_naming_the_key(tmp_path):
     result = _run("fineclip.evaluate", "data=coco_panoptic", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     message = result.stdout + result.stderr
     assert result.returncode == 1 and "data.root is not set" in message and "Traceback" not in message
+
+
+def _wandb_history(run_dir):
+    """The history rows of an offline W&B run, read from its transaction log (a 7-byte header,
+    then 32 KiB blocks of chunks with a (crc32, length, type) header; type 1 = whole record,
+    2/3/4 = first/middle/last piece), each record a protobuf ``Record``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    rows, pos, payload = [], 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload, pos = payload + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            payload = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_logs_the_same_scalars_offline(tmp_path, monkeypatch, synthetic_root):
+    from fineclip.engine.trainer import train
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            f"data.root={synthetic_root}", "data.batch_size=8", "trainer.epochs=1", "trainer.log_every=1",
+            "trainer.progress=false", "trainer.tensorboard=false", "trainer.wandb=true",
+        ])
+    train(cfg, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = _wandb_history(tmp_path / "run")
+    logged = {}
+    for row in rows:
+        logged.setdefault(row["_step"], {}).update(row)
+    for line in lines:
+        for key, value in line.items():
+            if "/" in key and not isinstance(value, str):
+                assert logged[line["step"]][key] == pytest.approx(value, rel=1e-6), (line["step"], key)
+    assert [s for s in logged if "train/loss" in logged[s]] == [1, 2, 3]
+    assert logged[3]["val/box/top1"] == json.loads((tmp_path / "run" / "eval.json").read_text())["box/top1"]

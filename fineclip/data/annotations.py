@@ -35,6 +35,8 @@ class ImageRecord:
     boxes: np.ndarray  # (K, 4) float32, x1 y1 x2 y2 in original pixels, clipped to the image
     region_captions: list[str]
     category_ids: np.ndarray  # (K,) int64
+    segments_png: Path | None = None  # COCO panoptic: the PNG of segment ids (masks for mask pooling)
+    segment_ids: np.ndarray | None = None  # COCO panoptic: (K,) segment id of each box
 
 
 @dataclass
@@ -43,6 +45,7 @@ class RegionAnnotations:
     categories: dict[int, str]  # category id -> name, in id order
     stats: Counter = field(default_factory=Counter)
     stuff_ids: frozenset[int] = frozenset()  # categories that are "stuff" (COCO panoptic isthing=0)
+    missing: list[Path] = field(default_factory=list)  # image files that were not found (skipped)
 
 
 def read_annotation_json(path: Path, required: tuple[str, ...] = ("images", "annotations", "categories")) -> dict:
@@ -88,7 +91,8 @@ def load_region_annotations(
     dropped; when ``require_region_captions`` (training), a region with an empty or absent caption
     is dropped (``empty_region_caption``); empty image captions are dropped
     (``empty_caption``) and, when ``require_captions``, an image left with none is skipped
-    (``no_caption``). Images without regions are kept (``no_regions``): they take part in the
+    (``no_caption``); a crowd box (``iscrowd=1``, a group of objects) is dropped (``crowd_box``).
+    Images without regions are kept (``no_regions``): they take part in the
     global loss only. Structural problems (bad json, missing fields, unknown image or category
     ids, a non-numeric bbox) are errors naming the record.
     """
@@ -121,12 +125,13 @@ def load_region_annotations(
     if unknown:
         raise AnnotationError(f"{path}: captions refer to unknown image ids {sorted(unknown)[:5]}")
 
-    records = []
+    records, missing = [], []
     for image_id in sorted(coco.imgs):
         image = coco.imgs[image_id]
         file = root / image["file_name"]
         if check_files and not file.is_file():
             stats["missing_image"] += 1
+            missing.append(file)
             if stats["missing_image"] <= 5:
                 log.warning("%s: image id=%s file %s not found; skipped", path.name, image_id, file)
             continue
@@ -138,6 +143,9 @@ def load_region_annotations(
         for ann in coco.imgToAnns.get(image_id, []):
             if ann["category_id"] not in categories:
                 raise AnnotationError(f"{path}: annotation id={ann['id']} has unknown category_id {ann['category_id']}")
+            if ann.get("iscrowd", 0):
+                stats["crowd_box"] += 1
+                continue
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])
             except (TypeError, ValueError) as err:
@@ -178,4 +186,4 @@ def load_region_annotations(
     if not records:
         raise AnnotationError(f"{path}: no usable image ({dict(stats)})")
     log.info("%s: %s", path.name, ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-    return RegionAnnotations(records=records, categories=categories, stats=stats)
+    return RegionAnnotations(records=records, categories=categories, stats=stats, missing=missing)

@@ -4,6 +4,11 @@ Thing segments take their box from the json; stuff segments the tight box of the
 from the panoptic PNG (segment id = R + 256·G + 256²·B). Boxes under ``min_box_area`` px² are
 dropped and at most ``max_boxes`` are kept per image, in json order. The result is a
 ``RegionAnnotations`` whose records have no captions, usable with ``RegionCaptionDataset``.
+
+``reference_boxes=True`` extracts boxes exactly as the public CLIPSelf/FineCLIP evaluation does,
+so that numbers compare with the published ones: the first ``max_boxes`` segments of the image
+are taken *before* small ones are dropped, and a stuff box's far edges are the index of its last
+pixel (x_max, y_max) rather than one past it.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ def panoptic_segment_ids(png_path: Path) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
-def mask_box(ids: np.ndarray, segment_id: int) -> tuple[float, float, float, float] | None:
-    """Tight box (x1, y1, x2, y2) in pixels, edges exclusive, of the pixels equal to ``segment_id``."""
+def mask_box(ids: np.ndarray, segment_id: int, inclusive: bool = False) -> tuple[float, float, float, float] | None:
+    """Tight box (x1, y1, x2, y2) in pixels of the pixels equal to ``segment_id``: far edges one past
+    the last pixel, or with ``inclusive`` the last pixel's index (the reference evaluation's box)."""
     ys, xs = np.nonzero(ids == segment_id)
     if len(xs) == 0:
         return None
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+    end = 0 if inclusive else 1
+    return float(xs.min()), float(ys.min()), float(xs.max() + end), float(ys.max() + end)
 
 
 def load_panoptic_boxes(
@@ -51,13 +58,14 @@ def load_panoptic_boxes(
     min_box_area: float = 64.0,
     max_boxes: int = 100,
     check_files: bool = True,
+    reference_boxes: bool = False,
 ) -> RegionAnnotations:
     path = Path(panoptic_json)
     data = read_annotation_json(path)
     categories = {c["id"]: c for c in data["categories"]}
     images = {im["id"]: im for im in data["images"]}
     stats: Counter = Counter()
-    records = []
+    records, missing = [], []
     for ann in data["annotations"]:
         check_fields(path, "annotation", ann, ("image_id", "file_name", "segments_info"))
         image = images.get(ann["image_id"])
@@ -66,11 +74,17 @@ def load_panoptic_boxes(
         file = Path(image_root) / image["file_name"]
         if check_files and not file.is_file():
             stats["missing_image"] += 1
+            missing.append(file)
             log.warning("%s: image id=%s file %s not found; skipped", path.name, image["id"], file)
             continue
         ids = None
-        boxes, cat_ids = [], []
-        for seg in ann["segments_info"]:
+        png = Path(png_folder) / ann["file_name"]
+        boxes, cat_ids, seg_ids = [], [], []
+        segments = ann["segments_info"]
+        if reference_boxes and len(segments) > max_boxes:
+            stats["over_max_boxes"] += len(segments) - max_boxes
+            segments = segments[:max_boxes]
+        for seg in segments:
             category = categories.get(seg["category_id"])
             if category is None:
                 bad = f"{path}: segment id={seg.get('id')} has unknown category_id {seg['category_id']}"
@@ -80,8 +94,8 @@ def load_panoptic_boxes(
                 box = (x, y, x + w, y + h)
             else:
                 if ids is None:
-                    ids = panoptic_segment_ids(Path(png_folder) / ann["file_name"])
-                box = mask_box(ids, seg["id"])
+                    ids = panoptic_segment_ids(png)
+                box = mask_box(ids, seg["id"], inclusive=reference_boxes)
                 if box is None:
                     stats["empty_mask"] += 1
                     continue
@@ -93,11 +107,13 @@ def load_panoptic_boxes(
                 continue
             boxes.append(box)
             cat_ids.append(seg["category_id"])
+            seg_ids.append(seg["id"])
         records.append(
             ImageRecord(
                 image_id=image["id"], path=file, width=int(image["width"]), height=int(image["height"]),
                 captions=[], boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                 region_captions=[""] * len(boxes), category_ids=np.asarray(cat_ids, dtype=np.int64),
+                segments_png=png, segment_ids=np.asarray(seg_ids, dtype=np.int64),
             )
         )
     stats["images"] = len(records)
@@ -105,4 +121,4 @@ def load_panoptic_boxes(
     log.info("%s: %s", path.name, ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     names = {cid: c["name"] for cid, c in sorted(categories.items())}
     stuff = frozenset(cid for cid, c in categories.items() if not c.get("isthing", 1))
-    return RegionAnnotations(records=records, categories=names, stats=stats, stuff_ids=stuff)
+    return RegionAnnotations(records=records, categories=names, stats=stats, stuff_ids=stuff, missing=missing)

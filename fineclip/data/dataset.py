@@ -16,15 +16,96 @@ class ImageLoadError(RuntimeError):
     """An image file that cannot be decoded; the message names the file and the image id."""
 
 
-def load_image(path: Path, image_id: int, size: tuple[int, int]) -> torch.Tensor:
-    """Read ``path`` as RGB, squash it to ``size`` (H, W) with bicubic resampling -> uint8 (3, H, W)."""
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def read_rgb(path: Path, image_id: int) -> Image.Image:
+    """The decoded RGB image; a file that cannot be decoded is an ``ImageLoadError`` naming it."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+            return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(f"cannot decode image id={image_id} file {path}: {err}") from err
-    array = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def resize_image(img: Image.Image, size: tuple[int, int], mode: str = "squash",
+                 interpolation: str = "bicubic") -> tuple[torch.Tensor, float, float]:
+    """uint8 (3, H, W) of ``size`` and the (x, y) scale applied to the image's coordinates.
+
+    "squash": resize to ``size`` ignoring the aspect ratio. "longest": scale so that the longest
+    side fits, then pad right and bottom with black (the detection-style input).
+    """
+    W, H = img.size
+    if mode == "squash":
+        out = img.resize((size[1], size[0]), RESAMPLE[interpolation])
+        return to_tensor(out), size[1] / W, size[0] / H
+    if mode != "longest":
+        raise ValueError(f"resize mode {mode!r}: use squash or longest")
+    scale = min(size[0] / H, size[1] / W)
+    new_w, new_h = round(W * scale), round(H * scale)
+    canvas = torch.zeros((3, size[0], size[1]), dtype=torch.uint8)
+    canvas[:, :new_h, :new_w] = to_tensor(img.resize((new_w, new_h), RESAMPLE[interpolation]))
+    return canvas, scale, scale
+
+
+def load_image(path: Path, image_id: int, size: tuple[int, int], mode: str = "squash",
+               interpolation: str = "bicubic") -> torch.Tensor:
+    """Read ``path`` as RGB and resize it to ``size`` (H, W) -> uint8 (3, H, W)."""
+    return resize_image(read_rgb(path, image_id), size, mode, interpolation)[0]
+
+
+def letterbox(img: Image.Image, size: int) -> torch.Tensor:
+    """Longest side to ``size`` (bicubic), centred on a black ``size``² canvas -> uint8 (3, size, size)."""
+    W, H = img.size
+    scale = size / max(W, H)
+    new_w, new_h = round(W * scale), round(H * scale)
+    canvas = torch.zeros((3, size, size), dtype=torch.uint8)
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    canvas[:, top : top + new_h, left : left + new_w] = to_tensor(img.resize((new_w, new_h), Image.BICUBIC))
+    return canvas
+
+
+def region_crops(img: Image.Image, boxes: np.ndarray, thing: np.ndarray, size: int, mode: str) -> torch.Tensor:
+    """uint8 (K, 3, size, size) crops cut from the full-resolution image.
+
+    "letterbox": thing boxes enlarged 1.5x about the centre and clipped, stuff boxes as they are,
+    each letterboxed (the CLIPSelf evaluation); "tight": each box as it is, squashed.
+    """
+    W, H = img.size
+    crops = []
+    for (x1, y1, x2, y2), is_thing in zip(boxes.tolist(), thing.tolist(), strict=True):
+        if mode == "letterbox" and is_thing:
+            cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, 0.75 * (x2 - x1), 0.75 * (y2 - y1)
+            x1, y1, x2, y2 = max(cx - hw, 0), max(cy - hh, 0), min(cx + hw, W), min(cy + hh, H)
+        crop = img.crop((x1, y1, x2, y2))
+        crops.append(letterbox(crop, size) if mode == "letterbox" else to_tensor(crop.resize((size, size),
+                                                                                              Image.BICUBIC)))
+    return torch.stack(crops) if crops else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+
+
+def segment_masks(png: Path, segment_ids: np.ndarray, grid: tuple[int, int], mode: str) -> torch.Tensor:
+    """(K, h, w) bool masks of panoptic segments on the dense feature grid: each full-resolution
+    mask resized like the image (bicubic, on the 0/1 float mask) to the grid, kept where > 0."""
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    from fineclip.data.coco_panoptic import panoptic_segment_ids
+
+    ids = torch.from_numpy(panoptic_segment_ids(png))
+    masks = (ids[None] == torch.as_tensor(segment_ids)[:, None, None]).float()
+    H, W = ids.shape
+    if mode == "squash":
+        new_h, new_w = grid
+    else:
+        scale = min(grid[0] / H, grid[1] / W)
+        new_h, new_w = round(H * scale), round(W * scale)
+    small = resize(masks, [new_h, new_w], InterpolationMode.BICUBIC, antialias=True) if len(masks) else masks
+    out = torch.zeros((len(masks), *grid), dtype=torch.bool)
+    out[:, :new_h, :new_w] = small[:, :new_h, :new_w] > 0
+    return out
 
 
 class RegionCaptionDataset(Dataset):
@@ -48,6 +129,11 @@ class RegionCaptionDataset(Dataset):
         self.categories = annotations.categories
         self.stats = annotations.stats
         self.stuff_ids = annotations.stuff_ids
+        self.missing = annotations.missing
+        # evaluation protocols set these (fineclip.eval.protocols): resize mode, resampling, extras
+        self.resize, self.interpolation = "squash", "bicubic"
+        self.crop_mode, self.crop_size = "", 0  # "letterbox"/"tight": crops from the full-resolution image
+        self.mask_grid: tuple[int, int] | None = None  # panoptic masks on the dense grid (mask pooling)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.train = train
         self.max_regions = max_regions
@@ -81,11 +167,13 @@ class RegionCaptionDataset(Dataset):
         image_size: int = 224,
         max_regions: int = 100,
         min_box_area: float = 64.0,
+        reference_boxes: bool = False,
     ) -> RegionCaptionDataset:
         """COCO panoptic segments as boxes, for box classification (no captions)."""
         from fineclip.data.coco_panoptic import load_panoptic_boxes
 
-        annotations = load_panoptic_boxes(panoptic_json, png_folder, image_root, min_box_area, max_regions)
+        annotations = load_panoptic_boxes(panoptic_json, png_folder, image_root, min_box_area, max_regions,
+                                          reference_boxes=reference_boxes)
         return cls(annotations, image_size, train=False, max_regions=max_regions)
 
     @classmethod
@@ -103,7 +191,7 @@ class RegionCaptionDataset(Dataset):
 
     @classmethod
     def from_coco_captions(
-        cls, captions_json: str, image_root: str, image_size: int = 224, max_captions: int = 5
+        cls, captions_json: str, image_root: str, image_size: int = 224, max_captions: int | None = 5
     ) -> RegionCaptionDataset:
         """A COCO captions file (e.g. ``captions_val2017.json``: 5K images), for retrieval."""
         from fineclip.data.retrieval import load_coco_captions
@@ -112,7 +200,8 @@ class RegionCaptionDataset(Dataset):
 
     @classmethod
     def from_karpathy(
-        cls, karpathy_json: str, image_root: str, split: str = "test", image_size: int = 224, max_captions: int = 5
+        cls, karpathy_json: str, image_root: str, split: str = "test", image_size: int = 224,
+        max_captions: int | None = 5,
     ) -> RegionCaptionDataset:
         """One split of a Karpathy-format file (COCO 5K test, Flickr30K 1K test), for retrieval."""
         from fineclip.data.retrieval import load_karpathy_split
@@ -128,22 +217,23 @@ class RegionCaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        image = load_image(record.path, record.image_id, self.image_size)
+        original = read_rgb(record.path, record.image_id)
+        image, scale_x, scale_y = resize_image(original, self.image_size, self.resize, self.interpolation)
         keep = np.arange(len(record.boxes))
         if len(keep) > self.max_regions:
             if self.train:
                 keep = np.sort(rng.choice(keep, self.max_regions, replace=False))
             else:
                 keep = keep[: self.max_regions]
-        scale = np.array(
-            [self.image_size[1] / record.width, self.image_size[0] / record.height] * 2, dtype=np.float32
-        )
+        # boxes are in the pixels of the image as the annotation file sizes it
+        scale = np.array([scale_x * original.width / record.width, scale_y * original.height / record.height] * 2,
+                         dtype=np.float32)
         boxes = torch.from_numpy(record.boxes[keep] * scale)
         if self.train:
             caption = record.captions[int(rng.integers(len(record.captions)))]
         else:
             caption = list(record.captions)
-        return {
+        item = {
             "image_id": record.image_id,
             "image": image,
             "caption": caption,
@@ -151,6 +241,12 @@ class RegionCaptionDataset(Dataset):
             "region_captions": [record.region_captions[k] for k in keep],
             "category_ids": torch.from_numpy(record.category_ids[keep]),
         }
+        if self.crop_mode:
+            thing = np.array([int(c) not in self.stuff_ids for c in record.category_ids[keep]], dtype=bool)
+            item["crops"] = region_crops(original, record.boxes[keep], thing, self.crop_size, self.crop_mode)
+        if self.mask_grid is not None:
+            item["masks"] = segment_masks(record.segments_png, record.segment_ids[keep], self.mask_grid, self.resize)
+        return item
 
 
 def collate_regions(samples: list[dict]) -> dict:
@@ -165,4 +261,5 @@ def collate_regions(samples: list[dict]) -> dict:
         "regions": torch.cat(regions).reshape(-1, 5),
         "region_captions": [c for s in samples for c in s["region_captions"]],
         "category_ids": torch.cat([s["category_ids"] for s in samples]),
+        **{key: torch.cat([s[key] for s in samples]) for key in ("crops", "masks") if key in samples[0]},
     }

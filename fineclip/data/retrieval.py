@@ -8,7 +8,7 @@
   for Flickr30K).
 
 Both give ``RegionAnnotations`` without boxes; at most ``max_captions`` captions per image are kept
-(the protocol's 5; extra ones are counted as ``extra_caption``).
+(the Karpathy protocol's 5; extra ones are counted as ``extra_caption``; None keeps them all).
 """
 
 from __future__ import annotations
@@ -44,24 +44,24 @@ def _keep_captions(texts: list, stats: Counter, max_captions: int) -> list[str]:
         text = str(text).strip()
         if not text:
             stats["empty_caption"] += 1
-        elif len(kept) == max_captions:
+        elif max_captions is not None and len(kept) == max_captions:
             stats["extra_caption"] += 1
         else:
             kept.append(text)
     return kept
 
 
-def _finish(path: Path, records: list[ImageRecord], stats: Counter) -> RegionAnnotations:
+def _finish(path: Path, records: list[ImageRecord], stats: Counter, missing: list[Path]) -> RegionAnnotations:
     stats["images"] = len(records)
     stats["captions"] = sum(len(r.captions) for r in records)
     if not records:
         raise AnnotationError(f"{path}: no usable image ({dict(stats)})")
     log.info("%s: %s", path.name, ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-    return RegionAnnotations(records=records, categories={}, stats=stats)
+    return RegionAnnotations(records=records, categories={}, stats=stats, missing=missing)
 
 
 def load_coco_captions(
-    captions_json: str | Path, image_root: str | Path, max_captions: int = 5, check_files: bool = True
+    captions_json: str | Path, image_root: str | Path, max_captions: int | None = 5, check_files: bool = True
 ) -> RegionAnnotations:
     """Images with their captions from a COCO captions file, in image-id order. Images whose file
     is missing (``missing_image``) or that have no caption (``no_caption``) are skipped."""
@@ -72,26 +72,27 @@ def load_coco_captions(
         check_fields(path, "annotation", ann, ("image_id", "caption"))
         texts.setdefault(ann["image_id"], []).append(ann["caption"])
     stats: Counter = Counter()
-    records = []
+    records, missing = [], []
     for image in sorted(data["images"], key=lambda im: im.get("id", -1)):
         check_fields(path, "image", image, ("id", "file_name", "width", "height"))
         file = Path(image_root) / image["file_name"]
         if check_files and not file.is_file():
             stats["missing_image"] += 1
+            missing.append(file)
             continue
         captions = _keep_captions(texts.get(image["id"], []), stats, max_captions)
         if not captions:
             stats["no_caption"] += 1
             continue
         records.append(_caption_record(image["id"], file, (int(image["width"]), int(image["height"])), captions))
-    return _finish(path, records, stats)
+    return _finish(path, records, stats, missing)
 
 
 def load_karpathy_split(
     karpathy_json: str | Path,
     image_root: str | Path,
     split: str = "test",
-    max_captions: int = 5,
+    max_captions: int | None = 5,
     check_files: bool = True,
 ) -> RegionAnnotations:
     """The images of one split (``test``: COCO 5K / Flickr30K 1K) of a Karpathy-format file, in file
@@ -99,7 +100,7 @@ def load_karpathy_split(
     path = Path(karpathy_json)
     data = read_annotation_json(path, required=("images",))
     stats: Counter = Counter()
-    records = []
+    records, missing = [], []
     for index, image in enumerate(data["images"]):
         check_fields(path, "image", image, ("filename", "split", "sentences"))
         if image["split"] != split:
@@ -107,6 +108,7 @@ def load_karpathy_split(
         file = Path(image_root) / image.get("filepath", "") / image["filename"]
         if check_files and not file.is_file():
             stats["missing_image"] += 1
+            missing.append(file)
             continue
         captions = _keep_captions([s.get("raw", "") for s in image["sentences"]], stats, max_captions)
         if not captions:
@@ -123,4 +125,4 @@ def load_karpathy_split(
         records.append(_caption_record(image_id, file, size, captions))
     if not records and not stats:
         raise AnnotationError(f"{path}: no image with split={split!r}")
-    return _finish(path, records, stats)
+    return _finish(path, records, stats, missing)

@@ -1,11 +1,6 @@
-"""Process-group set-up and the feature gathering that makes N ranks equal one process.
+"""Process-group life cycle: ranks from torchrun or SLURM, the device of each rank, barriers.
 
-Contrastive losses need every rank's features as negatives. ``gather_rows`` all-gathers with
-gradient (``torch.distributed.nn.functional.all_gather``): the backward pass sums, over ranks, the
-gradients that reach each rank's features, and DDP then averages parameter gradients, so the
-objective optimised is the mean over ranks of the per-rank losses. Each rank computes the loss of
-its own rows against all columns (the "local loss" scheme), scaled so that this mean equals the
-single-process loss over the global batch.
+The gathers the losses need live in ``fineclip.losses.gather``.
 """
 
 from __future__ import annotations
@@ -17,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from fineclip.losses.gather import is_distributed
 
 
 @dataclass(frozen=True)
@@ -52,66 +49,40 @@ def slurm_to_torch_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group that torchrun or SLURM describes in the environment; a plain
-    ``python -m`` run is rank 0 of 1."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" is this rank's GPU when there is one, else the CPU. A CUDA device is made the
+    current device of the process (``torch.cuda.set_device``) before anything else touches CUDA."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Bind this rank's device, then join the process group that torchrun or SLURM describes in
+    the environment. A plain ``python -m`` run is rank 0 of 1.
+
+    The order matters with NCCL: the local GPU is selected first and handed to
+    ``init_process_group`` (``device_id``), so that every later barrier and broadcast of rank r
+    runs on GPU r, never all on GPU 0.
+    """
     slurm_to_torch_env()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_name, local_rank)
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank), device
     if world_size <= 1:
-        return DistInfo()
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def global_count(n: int, device: torch.device) -> torch.Tensor:
-    """Σ over ranks of n (a float tensor)."""
-    return all_reduce_sum(torch.full((), float(n), device=device))  # a fill kernel, no host-to-device copy
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``x`` concatenated along dim 0, with gradient (all ranks: same shape)."""
-    if not is_distributed():
-        return x
-    import warnings
-
-    import torch.distributed.nn.functional as dist_fn
-
-    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public one
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(dist_fn.all_gather(x), dim=0)
-
-
-def gather_ragged_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Gather a per-rank list of rows whose length differs between ranks.
-
-    Each rank pads to the longest count, gathers with gradient, and gets back
-    (rows (W·max, D), valid (W·max,) bool, offset of this rank's first row). Padding rows are
-    marked invalid so that no softmax ever sees them.
-    """
-    if not is_distributed():
-        return x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), 0
-    counts = torch.tensor([x.shape[0]], device=x.device)
-    all_counts = [torch.zeros_like(counts) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_counts, counts)
-    all_counts = torch.cat(all_counts).tolist()
-    longest = max(all_counts)
-    padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
-    rows = gather_rows(padded)
-    valid = torch.zeros(len(all_counts) * longest, dtype=torch.bool, device=x.device)
-    for r, n in enumerate(all_counts):
-        valid[r * longest : r * longest + n] = True
-    return rows, valid, dist.get_rank() * longest
+        return DistInfo(), device
+    if device.type == "cuda":
+        dist.init_process_group(backend="nccl", timeout=datetime.timedelta(minutes=30), device_id=device)
+    else:
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

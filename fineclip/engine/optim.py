@@ -1,10 +1,14 @@
-"""AdamW with the usual CLIP weight-decay split, and a warmup + cosine schedule (timm)."""
+"""AdamW (or SGD) with the usual CLIP weight-decay split, and a warmup + cosine schedule (timm)."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -19,25 +23,44 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
-) -> torch.optim.AdamW:
+    name: str = "adamw",
+    momentum: float = 0.0,
+) -> torch.optim.Optimizer:
+    """AdamW (``name="adamw"``) or SGD (``name="sgd"``, with ``momentum``) over the trainable
+    parameters, no weight decay on 1-d tensors, embeddings and the logit scale."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param_name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
+            (no_decay if no_weight_decay(param_name, param) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if fused is None:
         fused = all(p.is_cuda for p in decay + no_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name != "adamw":
+        raise ValueError(f"optimizer name={name!r}: use adamw or sgd")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float = 0.0, warmup_lr: float = 0.0
 ) -> CosineLRScheduler:
-    """Linear warmup for ``warmup_steps`` then cosine decay to ``min_lr`` at ``total_steps``;
-    stepped per optimizer update with ``scheduler.step_update(step)``."""
+    """The lr of optimizer step k = 1 … N (N = ``total_steps``, W = ``warmup_steps``, peak = the
+    optimizer's lr), set by ``scheduler.step_update(k)`` before the step:
+
+        k ≤ W:  warmup_lr + (peak − warmup_lr) · k / W                      (linear warmup)
+        k ≥ W:  min_lr + ½ (peak − min_lr) · (1 + cos(π · (k − W) / (N − W)))   (cosine)
+
+    so step W runs at the peak and the last step, N, at ``min_lr``.
+    """
+    if warmup_steps >= total_steps:  # a short run: keep the last step for the floor
+        shorter = max(total_steps - 1, 0)
+        log.warning("warmup_steps=%d does not fit a run of %d steps: warming up over %d", warmup_steps, total_steps,
+                    shorter)
+        warmup_steps = shorter
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(1, total_steps),
+        t_initial=total_steps - warmup_steps,
         lr_min=min_lr,
         warmup_t=warmup_steps,
         warmup_lr_init=warmup_lr,

@@ -1,13 +1,23 @@
-"""The training loop: one process or DDP, any device, exactly resumable. Built from a Hydra config."""
+"""The training loop: one process or DDP, any device, exactly resumable. Built from a Hydra config.
+
+    run = build(cfg)              model, loss terms, data, optimizer, schedule (from the config)
+    progress = resume(run)        the newest checkpoint, checked against the current config
+    for each epoch, each step:
+        train_step(...)           fineclip.engine.step: forward, losses, backward, update
+        log_step(...)             metrics.jsonl, TensorBoard, W&B, progress bar
+        save(...)                 atomic checkpoint (every N steps, each epoch, on SIGTERM)
+    evaluate                      every trainer.eval_every epochs and at the end
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
 import signal
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +29,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fineclip.data import RegionCaptionDataset, collate_regions
+from fineclip.data.random_batch import random_batch
 from fineclip.data.sampler import GlobalBatchSampler
-from fineclip.engine import distributed as dist_utils
 from fineclip.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_step_checkpoint
+from fineclip.engine.distributed import DistInfo, all_reduce_sum, barrier, resolve_device
 from fineclip.engine.metrics_log import MetricsLogger, peak_memory_gb
+from fineclip.engine.step import StepResult, autocast_context, forward_loss, resolve_precision, train_step
 from fineclip.eval import format_metrics
+from fineclip.eval.protocols import ProtocolError, box_protocol, dense_image_size
 from fineclip.eval.runner import build_eval_set, evaluate_from_config
 from fineclip.losses import CompositeLoss
+from fineclip.losses.gather import is_distributed
 from fineclip.models import FineCLIPModel
 
 log = logging.getLogger(__name__)
@@ -35,31 +49,11 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf and ``trainer.on_nonfinite=stop``."""
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
+class ResumeError(ValueError):
+    """A checkpoint that the current config cannot continue; the message says what differs."""
 
 
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """"auto" is bf16 autocast on CUDA and fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"trainer.precision={precision!r}: use auto, fp32, bf16 or fp16")
-    return precision
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
+# -- randomness ---------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -86,20 +80,7 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def move_batch(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def training_step(model, loss_fn: CompositeLoss, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Forward the features the enabled loss terms need (through the DDP wrapper when there is
-    one, so that gradients are averaged), and combine them."""
-    features = model(
-        batch["images"], batch["captions"], batch["regions"], batch["region_captions"],
-        need=loss_fn.required_features,
-    )
-    return loss_fn(features)
-
-
+# -- building ------------------------------------------------------------------------------------
 def compile_blocks(model: FineCLIPModel) -> None:
     """torch.compile every transformer block in place (works whichever path calls them), and the
     whole image tower's forward, which the crop pass runs (one graph from pixels to embedding)."""
@@ -109,6 +90,229 @@ def compile_blocks(model: FineCLIPModel) -> None:
     model.clip.visual.compile()
 
 
+def freeze_unused_parameters(model: FineCLIPModel, loss_fn: CompositeLoss, precision: str = "fp32") -> list[str]:
+    """Make every trainable parameter that no enabled loss term depends on not trainable; returns
+    their names.
+
+    DDP needs every trainable parameter in every step's graph (a logit scale under ``loss=sd``, a
+    text tower that no enabled term reads). Which ones are used is found once, by autograd, on a
+    small random batch through the very forward the trainer runs: a parameter whose gradient is
+    absent (not merely zero) gets none in any step either. Run on every rank, before DDP wrapping
+    and compilation; RNG states and the text cache are left as they were.
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    device = model.pixel_mean.device
+    batch = random_batch(2, 2, model.image_size[0], device=device)
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with autocast_context(device, precision):
+            loss, _ = forward_loss(model, loss_fn, batch)
+        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+    model.text_cache.clear()
+    model.train(was_training)
+    unused = [name for (name, p), grad in zip(trainable, grads, strict=True) if grad is None]
+    for (_, p), grad in zip(trainable, grads, strict=True):
+        if grad is None:
+            p.requires_grad_(False)
+    return unused
+
+
+def summarize_names(names: list[str]) -> str:
+    """'clip.logit_scale, clip.transformer (24 tensors)': parameter names grouped by module."""
+    groups = Counter(".".join(n.split(".")[:2]) for n in names)
+    return ", ".join(g if n == 1 else f"{g} ({n} tensors)" for g, n in groups.items())
+
+
+@dataclass
+class Run:
+    """Everything ``build`` makes from a config."""
+
+    cfg: DictConfig
+    run_dir: Path
+    dist: DistInfo
+    device: torch.device
+    precision: str
+    model: FineCLIPModel
+    ddp_model: DistributedDataParallel | None
+    loss_fn: CompositeLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    train_set: RegionCaptionDataset
+    sampler: GlobalBatchSampler
+    val_set: RegionCaptionDataset | None
+    accumulate: int
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.dist.world_size * self.accumulate
+
+
+def build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
+    tcfg = cfg.trainer
+    seed_everything(cfg.seed)
+    device = resolve_device(tcfg.device, dist.local_rank)
+    precision = resolve_precision(device, tcfg.precision)
+    model: FineCLIPModel = instantiate(cfg.model).to(device)
+    if tcfg.grad_checkpointing:
+        model.clip.set_grad_checkpointing(True)
+    loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
+    frozen = freeze_unused_parameters(model, loss_fn, precision)
+    if frozen and dist.is_main:
+        log.info("not trained by the enabled loss terms, so frozen: %s", summarize_names(frozen))
+    if tcfg.compile:
+        compile_blocks(model)
+
+    train_set: RegionCaptionDataset = instantiate(cfg.data.train, image_size=model.image_size[0])
+    val_set = None
+    if dist.is_main:
+        patch = model.tower.patch_size[0]
+        protocol = box_protocol(cfg)
+        if dense_image_size(protocol, patch) not in (None, model.image_size[0]):
+            raise ProtocolError(f"eval.protocol={protocol.name} evaluates at {dense_image_size(protocol, patch)} px, "
+                                "not the training size: evaluate the checkpoint with python -m fineclip.evaluate")
+        val_set = build_eval_set(cfg, model.image_size[0], patch)
+    accumulate = max(1, int(tcfg.accumulate_steps))
+    sampler = GlobalBatchSampler(len(train_set), cfg.data.batch_size, cfg.seed, dist.rank, dist.world_size)
+    steps_per_epoch = sampler.steps_per_epoch // accumulate
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_set)} training images are fewer than one global batch of "
+            f"{cfg.data.batch_size} x {dist.world_size} ranks x {accumulate} accumulation steps"
+        )
+    total_steps = steps_per_epoch * tcfg.epochs
+    optimizer = instantiate(cfg.optim.optimizer, model=model)
+    scheduler = instantiate(cfg.optim.scheduler, optimizer=optimizer, total_steps=total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ddp_model = None
+    if dist.enabled:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Run(cfg, run_dir, dist, device, precision, model, ddp_model, loss_fn, optimizer, scheduler,
+               scaler, train_set, sampler, val_set, accumulate, steps_per_epoch, total_steps)
+
+
+# -- checkpoints and resuming -----------------------------------------------------------------------
+@dataclass
+class Progress:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0  # optimizer steps done
+
+
+# a change of these model keys keeps the architecture and the weights' meaning
+MODEL_KEYS_FREE_TO_CHANGE = ("checkpoint", "crop_chunk", "text_cache_dtype")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def check_resumable(state: dict, run: Run) -> list[str]:
+    """Raise ``ResumeError`` where the current config cannot continue the checkpoint (another
+    model, another global batch); return the other settings that changed, as 'key: old -> new'."""
+    saved = state.get("config") or {}
+    current = OmegaConf.to_container(run.cfg, resolve=True)
+    old_model = {k: v for k, v in saved.get("model", {}).items() if k not in MODEL_KEYS_FREE_TO_CHANGE}
+    new_model = {k: v for k, v in current["model"].items() if k not in MODEL_KEYS_FREE_TO_CHANGE}
+    if old_model != new_model:
+        diff = [f"model.{k}: {old_model.get(k)!r} -> {new_model.get(k)!r}"
+                for k in sorted(set(old_model) | set(new_model)) if old_model.get(k) != new_model.get(k)]
+        raise ResumeError("the checkpoint was trained with another model, which this run cannot continue ("
+                          + "; ".join(diff) + "); start a new run directory or set trainer.resume=null")
+    old_global = state.get("global_batch")
+    if old_global is None:  # checkpoints written before global_batch was stored
+        old_global = saved["data"]["batch_size"] * len(state["rng"]) * saved["trainer"].get("accumulate_steps", 1)
+    if old_global != run.global_batch:
+        raise ResumeError(
+            f"the checkpoint was trained with a global batch of {old_global} images per optimizer step, this run has "
+            f"{run.global_batch} (data.batch_size={run.cfg.data.batch_size} x {run.dist.world_size} ranks x "
+            f"{run.accumulate} accumulation steps): the data order and the position inside the epoch would not "
+            "carry over. Keep the global batch, or start a new run directory"
+        )
+    old, new = _flatten(saved), _flatten(current)
+    ignored = ("trainer.resume",)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(ignored)]
+
+
+def find_resume_state(run_dir: Path, resume: str | None) -> tuple[Path, dict] | None:
+    """``resume``: null (start fresh), "auto" (newest good checkpoint of the run, if any), or a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = load_latest_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
+        return found
+    return Path(resume), load_checkpoint(resume)
+
+
+def resume(run: Run) -> Progress:
+    """Load the checkpoint that ``trainer.resume`` names into the built run. What depends on the
+    config (the lr schedule, the optimizer's hyperparameters, the number of epochs) comes from the
+    *current* config; the weights, optimizer moments, scaler, RNG states and position come from
+    the checkpoint."""
+    found = find_resume_state(run.run_dir, run.cfg.trainer.resume)
+    if found is None:
+        return Progress()
+    path, state = found
+    changes = check_resumable(state, run)
+    run.model.load_state_dict(state["model"])
+    current_hyper = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:
+        raise ResumeError(f"the optimizer state of {path} does not fit this run ({err}): the trainable parameters "
+                          "differ (another loss configuration or model.freeze_text?)") from err
+    for group, hyper in zip(run.optimizer.param_groups, current_hyper, strict=True):
+        group.update(hyper)
+    run.scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"][min(run.dist.rank, len(state["rng"]) - 1)])
+    progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"])
+    if progress.step_in_epoch >= run.steps_per_epoch:
+        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+    if run.dist.is_main:
+        log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
+        if changes:
+            log.warning("resuming with a changed config (the schedule follows the new one, %d steps in all): %s",
+                        run.total_steps, "; ".join(changes))
+    return progress
+
+
+def save(run: Run, progress: Progress, reason: str) -> None:
+    """Every rank's RNG state to rank 0, which writes the checkpoint atomically; all ranks wait."""
+    rngs = [None] * run.dist.world_size
+    if run.dist.enabled:
+        torch.distributed.all_gather_object(rngs, rng_states())
+    else:
+        rngs = [rng_states()]
+    if run.dist.is_main:
+        state = {
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "epoch": progress.epoch,
+            "step_in_epoch": progress.step_in_epoch,
+            "global_step": progress.step,
+            "global_batch": run.global_batch,
+            "rng": rngs,
+            "config": OmegaConf.to_container(run.cfg, resolve=True),
+        }
+        folder = run.run_dir / "checkpoints"
+        path = save_step_checkpoint(state, folder, progress.step, keep=run.cfg.trainer.keep_checkpoints)
+        log.info("saved %s (%s)", path, reason)
+    barrier()
+
+
+# -- one epoch of steps ------------------------------------------------------------------------------
 class StopRequest:
     """SIGTERM / SIGUSR1 (what SLURM sends before preemption) ask the loop to save and exit.
 
@@ -130,6 +334,11 @@ class StopRequest:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
+    def on_any_rank(self, device: torch.device) -> bool:
+        if not is_distributed():
+            return self.requested
+        return bool(all_reduce_sum(torch.tensor(float(self.requested), device=device)).item() > 0)
+
     def hand_over(self) -> None:
         if not self.signal_name:
             return
@@ -143,218 +352,144 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def find_resume_state(run_dir: Path, resume: str | None) -> dict | None:
-    """``resume``: null (start fresh), "auto" (newest good checkpoint of the run, if any), or a path."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = load_latest_checkpoint(run_dir / "checkpoints")
-        if found is None:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
-            return None
-        path, state = found
-    else:
-        path, state = Path(resume), load_checkpoint(resume)
-    log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
-    return state
+def epoch_batches(run: Run, progress: Progress):
+    """The micro-batches of each remaining optimizer step of ``progress.epoch``, in the order of
+    an uninterrupted run (the order depends only on seed and epoch)."""
+    run.train_set.set_epoch(progress.epoch)
+    run.sampler.set_epoch(progress.epoch, start_step=progress.step_in_epoch * run.accumulate)
+    loader = DataLoader(
+        run.train_set, batch_size=run.cfg.data.batch_size, sampler=run.sampler, num_workers=run.cfg.data.num_workers,
+        collate_fn=collate_regions, pin_memory=run.device.type == "cuda", drop_last=True,
+    )
+    batches = iter(loader)
+    for _ in range(progress.step_in_epoch, run.steps_per_epoch):
+        yield [next(batches) for _ in range(run.accumulate)]
 
 
-def train(cfg: DictConfig, run_dir: str | Path, dist_info: dist_utils.DistInfo | None = None) -> dict[str, float]:
+def log_step(run: Run, progress: Progress, result: StepResult, logger: MetricsLogger | None, bar, throughput):
+    """Rank-mean of the loss and each term (the objective is their mean over ranks), lr, logit
+    scale, images/s: to the log files and the progress bar."""
+    values = torch.stack([result.loss, *result.parts.values()]).float()
+    values = (all_reduce_sum(values) / run.dist.world_size).tolist()
+    if logger is None:
+        return
+    metrics = {"train/loss": values[0]}
+    metrics.update({f"train/loss_{k}": v for k, v in zip(result.parts, values[1:], strict=True)})
+    metrics["train/lr"] = run.optimizer.param_groups[0]["lr"]
+    metrics["train/logit_scale"] = run.model.logit_scale.item()
+    metrics["train/images_per_s"] = throughput()
+    logger.log(progress.step, metrics, epoch=progress.epoch)
+    bar.set_postfix(loss=f"{values[0]:.3f}", **{k: f"{v:.3f}" for k, v in zip(result.parts, values[1:], strict=True)},
+                    img_s=f"{metrics['train/images_per_s']:.0f}")
+
+
+class Throughput:
+    """Images per second since the last call."""
+
+    def __init__(self) -> None:
+        self.images, self.tick = 0, time.perf_counter()
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def __call__(self) -> float:
+        now = time.perf_counter()
+        rate = self.images / max(now - self.tick, 1e-9)
+        self.images, self.tick = 0, now
+        return rate
+
+
+def run_epoch(run: Run, progress: Progress, logger: MetricsLogger | None, stop: StopRequest) -> bool:
+    """The remaining steps of ``progress.epoch``; False if a stop was requested (after saving)."""
+    tcfg = run.cfg.trainer
+    bar = tqdm(total=run.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {progress.epoch + 1}/"
+               f"{tcfg.epochs}", disable=not (tcfg.progress and run.dist.is_main), dynamic_ncols=True)
+    throughput = Throughput()
+    skipped = 0
+    for micro_batches in epoch_batches(run, progress):
+        run.scheduler.step_update(progress.step + 1)  # the lr of optimizer step k is schedule(k), k = 1..total
+        result = train_step(run.model, run.loss_fn, run.optimizer, micro_batches, ddp_model=run.ddp_model,
+                            scaler=run.scaler, precision=run.precision, grad_clip=tcfg.grad_clip, check_finite=True)
+        if not result.finite:
+            message = f"non-finite loss at step {progress.step + 1} (epoch {progress.epoch + 1}); parts: " + ", ".join(
+                f"{k}={v.item():.4g}" for k, v in result.parts.items())
+            if tcfg.on_nonfinite == "stop":
+                raise NonFiniteLossError(message + f"; the last good checkpoint is in {run.run_dir / 'checkpoints'}"
+                                         " (continue with trainer.resume=auto, e.g. with a lower lr)")
+            skipped += 1
+            log.warning("%s: step skipped (%d so far)", message, skipped)
+        progress.step += 1
+        progress.step_in_epoch += 1
+        bar.update(1)
+        throughput.add(run.global_batch)
+        if result.finite and (progress.step % tcfg.log_every == 0 or progress.step == run.total_steps):
+            log_step(run, progress, result, logger, bar, throughput)
+        if stop.on_any_rank(run.device):
+            bar.close()
+            save(run, progress, f"stop requested by {stop.signal_name or 'another rank'}")
+            log.warning("stopped by %s at step %d; continue with trainer.resume=auto",
+                        stop.signal_name or "another rank", progress.step)
+            return False
+        if tcfg.checkpoint_every and progress.step % tcfg.checkpoint_every == 0 \
+                and progress.step_in_epoch < run.steps_per_epoch:
+            save(run, progress, f"every {tcfg.checkpoint_every} steps")
+    bar.close()
+    return True
+
+
+# -- the whole run -----------------------------------------------------------------------------------
+def evaluate_and_log(run: Run, progress: Progress, logger: MetricsLogger, epoch: int) -> dict:
+    metrics = evaluate_from_config(run.model, run.val_set, run.cfg, run.device, progress=run.cfg.trainer.progress)
+    logger.log(progress.step, {f"val/{k}": v for k, v in metrics.items()}, epoch=epoch)
+    return metrics
+
+
+def train(cfg: DictConfig, run_dir: str | Path, dist_info: DistInfo | None = None) -> dict:
     """Train as configured; returns the final evaluation metrics (empty without a val set)."""
-    run_dir = Path(run_dir)
-    tcfg = cfg.trainer
-    dist_info = dist_info or dist_utils.DistInfo()
-    main = dist_info.is_main
-    seed_everything(cfg.seed)
-    device = resolve_device(tcfg.device, dist_info.local_rank)
-    precision = resolve_precision(device, tcfg.precision)
-
-    model: FineCLIPModel = instantiate(cfg.model).to(device)
-    if tcfg.grad_checkpointing:
-        model.clip.set_grad_checkpointing(True)
-    if tcfg.compile:
-        compile_blocks(model)
-    loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
-    image_size = model.image_size[0]
-    train_set: RegionCaptionDataset = instantiate(cfg.data.train, image_size=image_size)
-    val_set = build_eval_set(cfg, image_size) if main else None
-    accumulate = max(1, int(tcfg.accumulate_steps))
-    sampler = GlobalBatchSampler(len(train_set), cfg.data.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
-    steps_per_epoch = sampler.steps_per_epoch // accumulate  # optimizer steps
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{len(train_set)} training images are fewer than one global batch of "
-            f"{cfg.data.batch_size} x {dist_info.world_size} ranks x {accumulate} accumulation steps"
-        )
-    total_steps = steps_per_epoch * tcfg.epochs
-    optimizer = instantiate(cfg.optim.optimizer, model=model)
-    scheduler = instantiate(cfg.optim.scheduler, optimizer=optimizer, total_steps=total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ddp_model = model
-    if dist_info.enabled:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    epoch, step_in_epoch, step = 0, 0, 0
-    state = find_resume_state(run_dir, tcfg.resume)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
-        epoch, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-    logger = MetricsLogger(run_dir, tensorboard=tcfg.tensorboard) if main else None
+    run = build(cfg, Path(run_dir), dist_info or DistInfo())
+    main, tcfg = run.dist.is_main, cfg.trainer
+    progress = resume(run)
+    logger = None
     if main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        logger = MetricsLogger(run.run_dir, tensorboard=tcfg.tensorboard, wandb=tcfg.get("wandb", False),
+                               config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
+        (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         log.info(
             "training %s on %s x%d (%s): %d images, %d steps (%d epochs x %d), batch %d/rank, losses %s",
-            cfg.model.name, device, dist_info.world_size, precision, len(train_set), total_steps, tcfg.epochs,
-            steps_per_epoch, cfg.data.batch_size, dict(loss_fn.weights),
+            cfg.model.name, run.device, run.dist.world_size, run.precision, len(run.train_set), run.total_steps,
+            tcfg.epochs, run.steps_per_epoch, cfg.data.batch_size, dict(run.loss_fn.weights),
         )
-
-    def save(reason: str) -> None:
-        rngs = [None] * dist_info.world_size
-        if dist_info.enabled:
-            torch.distributed.all_gather_object(rngs, rng_states())
-        else:
-            rngs = [rng_states()]
-        if main:
-            path = save_step_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "step_in_epoch": step_in_epoch,
-                    "global_step": step,
-                    "rng": rngs,
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                },
-                run_dir / "checkpoints",
-                step,
-                keep=tcfg.keep_checkpoints,
-            )
-            log.info("saved %s (%s)", path, reason)
-        dist_utils.barrier()
-
     stop = StopRequest()
-    skipped = 0
     try:
-        while epoch < tcfg.epochs:
-            model.train()
-            train_set.set_epoch(epoch)
-            sampler.set_epoch(epoch, start_step=step_in_epoch * accumulate)
-            loader = DataLoader(
-                train_set, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                collate_fn=collate_regions, pin_memory=device.type == "cuda", drop_last=True,
-            )
-            bar = tqdm(
-                total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{tcfg.epochs}",
-                disable=not (tcfg.progress and main), dynamic_ncols=True,
-            )
-            tick, seen = time.perf_counter(), 0
-            epoch_start, epoch_first_step = time.perf_counter(), step_in_epoch
-            batches = iter(loader)
-            while step_in_epoch < steps_per_epoch:
-                optimizer.zero_grad(set_to_none=True)
-                losses, parts_sum = [], {}
-                for micro in range(accumulate):
-                    batch = move_batch(next(batches), device)
-                    sync = micro == accumulate - 1 or not dist_info.enabled
-                    with contextlib.nullcontext() if sync else ddp_model.no_sync():
-                        with autocast_context(device, precision):
-                            loss, parts = training_step(ddp_model, loss_fn, batch)
-                        flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.requested)], device=device)
-                        flags = dist_utils.all_reduce_sum(flags)
-                        if flags[0] > 0:
-                            break
-                        scaler.scale(loss / accumulate).backward()
-                    losses.append(loss.detach())
-                    for k, v in parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() / accumulate
-                    seen += len(batch["images"]) * dist_info.world_size
-                if flags[0] > 0:
-                    message = f"non-finite loss at step {step} (epoch {epoch + 1}); parts: " + ", ".join(
-                        f"{k}={v.item():.4g}" for k, v in parts.items()
-                    )
-                    if tcfg.on_nonfinite == "stop":
-                        raise NonFiniteLossError(
-                            message + f"; the last good checkpoint is in {run_dir / 'checkpoints'}"
-                            " (continue with trainer.resume=auto, e.g. with a lower lr)"
-                        )
-                    skipped += 1
-                    log.warning("%s: step skipped (%d so far)", message, skipped)
-                    for _ in range(accumulate - len(losses) - 1):
-                        next(batches)  # keep the data order of an uninterrupted run
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    if tcfg.grad_clip:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    model.clamp_logit_scale()
-                step += 1
-                step_in_epoch += 1
-                scheduler.step_update(step)
-                bar.update(1)
-                if losses and (step % tcfg.log_every == 0 or step == total_steps):
-                    # the objective is the mean over ranks of the per-rank losses: log that
-                    values = torch.stack([sum(losses) / len(losses), *parts_sum.values()]).float()
-                    values = (dist_utils.all_reduce_sum(values) / dist_info.world_size).tolist()
-                    parts_sum = dict(zip(parts_sum, values[1:], strict=True))
-                if main and losses and (step % tcfg.log_every == 0 or step == total_steps):
-                    elapsed = time.perf_counter() - tick
-                    metrics = {"train/loss": values[0]}
-                    metrics.update({f"train/loss_{k}": float(v) for k, v in parts_sum.items()})
-                    metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-                    metrics["train/logit_scale"] = model.logit_scale.item()
-                    metrics["train/images_per_s"] = seen / max(elapsed, 1e-9)
-                    logger.log(step, metrics, epoch=epoch)
-                    bar.set_postfix(
-                        loss=f"{metrics['train/loss']:.3f}",
-                        **{k: f"{float(v):.3f}" for k, v in parts_sum.items()},
-                        img_s=f"{metrics['train/images_per_s']:.0f}",
-                    )
-                    tick, seen = time.perf_counter(), 0
-                if flags[1] > 0:
-                    bar.close()
-                    save(f"stop requested by {stop.signal_name or 'another rank'}")
-                    log.warning("stopped by %s at step %d; continue with trainer.resume=auto", stop.signal_name, step)
-                    if main and logger is not None:
-                        logger.close()
-                    stop.hand_over()
-                    return {}
-                if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
-                    save(f"every {tcfg.checkpoint_every} steps")
-            bar.close()
-            if main:
-                # time of this epoch's steps (scaled up if it was resumed mid-epoch), without eval
-                done = max(steps_per_epoch - epoch_first_step, 1)
-                epoch_time = (time.perf_counter() - epoch_start) * steps_per_epoch / done
-                logger.log(step, {"epoch/time_s": epoch_time, "epoch/peak_memory_gb": peak_memory_gb(device)},
-                           epoch=epoch)
-            save(f"end of epoch {epoch + 1}")
-            epoch, step_in_epoch = epoch + 1, 0
-            eval_now = tcfg.eval_every and epoch % tcfg.eval_every == 0 and epoch < tcfg.epochs
-            if main and eval_now and val_set is not None:
-                metrics = evaluate_from_config(model, val_set, cfg, device, progress=tcfg.progress)
-                logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, epoch=epoch - 1)
-            dist_utils.barrier()
+        while progress.epoch < tcfg.epochs:
+            run.model.train()
+            first_step, start = progress.step_in_epoch, time.perf_counter()
+            if not run_epoch(run, progress, logger, stop):
+                if logger is not None:
+                    logger.close()
+                stop.hand_over()
+                return {}
+            if main:  # this epoch's step time (scaled up if it was resumed mid-epoch), without eval
+                done = max(run.steps_per_epoch - first_step, 1)
+                epoch_time = (time.perf_counter() - start) * run.steps_per_epoch / done
+                logger.log(progress.step, {"epoch/time_s": epoch_time,
+                                           "epoch/peak_memory_gb": peak_memory_gb(run.device)}, epoch=progress.epoch)
+            save(run, progress, f"end of epoch {progress.epoch + 1}")
+            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+            eval_now = tcfg.eval_every and progress.epoch % tcfg.eval_every == 0 and progress.epoch < tcfg.epochs
+            if main and eval_now and run.val_set is not None:
+                evaluate_and_log(run, progress, logger, progress.epoch - 1)
+            barrier()
     finally:
         stop.restore()
 
-    metrics: dict[str, float] = {}
-    if main and val_set is not None:
-        metrics = evaluate_from_config(model, val_set, cfg, device, progress=tcfg.progress)
-        logger.log(step, {f"val/{k}": v for k, v in metrics.items()}, epoch=tcfg.epochs - 1)
-        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
-        print(f"\nfinal evaluation ({len(val_set)} val images):\n{format_metrics(metrics)}")
+    metrics: dict = {}
+    if main and run.val_set is not None:
+        metrics = evaluate_and_log(run, progress, logger, tcfg.epochs - 1)
+        (run.run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+        print(f"\nfinal evaluation ({len(run.val_set)} val images):\n{format_metrics(metrics)}")
     if main:
         logger.close()
-        print(f"run directory: {run_dir}")
-    dist_utils.barrier()
+        print(f"run directory: {run.run_dir}")
+    barrier()
     return metrics

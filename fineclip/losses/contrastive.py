@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fineclip.engine.distributed import gather_ragged_rows, gather_rows, is_distributed, world_size
+from fineclip.losses.gather import gather_ragged_rows, gather_rows, rank, world_size
 
 
 def infonce_row_sum(
@@ -48,11 +48,11 @@ class GlobalContrastive(nn.Module):
     v: image embeddings, t: caption embeddings (L2-normalised), s: the shared logit scale.
     """
 
-    requires = frozenset({"image_emb", "text_emb"})
+    requires = frozenset({"image_emb", "text_emb", "logit_scale"})
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         v, t = features["image_emb"], features["text_emb"]
-        offset = torch.distributed.get_rank() * v.shape[0] if is_distributed() else 0
+        offset = rank() * v.shape[0]
         total = infonce_row_sum(v, t, gather_rows(v), gather_rows(t), features["logit_scale"], offset)
         return total / v.shape[0]  # every rank holds the same number of images
 
@@ -71,7 +71,7 @@ class RegionalContrastive(nn.Module):
     def __init__(self, region_key: str = "region_emb") -> None:
         super().__init__()
         self.region_key = region_key
-        self.requires = frozenset({region_key, "region_text_emb"})
+        self.requires = frozenset({region_key, "region_text_emb", "logit_scale"})
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         p, tr = features[self.region_key], features["region_text_emb"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fineclip.engine.distributed import global_count, world_size
+from fineclip.losses.gather import global_count, world_size
 
 
 class SelfDistillation(nn.Module):

@@ -63,17 +63,27 @@ def _resize_timm_pos_embed(state: dict, clip: torch.nn.Module) -> None:
     )
 
 
-def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> None:
-    """Load weights into an open_clip model, interpolating position embeddings (bicubic) when the
-    model was created at another image size than the checkpoint."""
-    state = read_state_dict(path)
+def _load_into(clip: torch.nn.Module, state: dict, source: str | Path) -> None:
     resize_pos_embed(state, clip)
     resize_text_pos_embed(state, clip)
     _resize_timm_pos_embed(state, clip)
     try:
         clip.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {err}") from err
+        raise CheckpointError(f"checkpoint {source} does not fit the model: {err}") from err
+
+
+def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> None:
+    """Load weights into an open_clip model, interpolating position embeddings (bicubic) when the
+    model was created at another image size than the checkpoint."""
+    _load_into(clip, read_state_dict(path), path)
+
+
+def load_model_weights(model: FineCLIPModel, state: dict, source: str | Path) -> None:
+    """A fineclip model state dict into ``model``, which may be built at another image size
+    (position embeddings interpolated bicubically)."""
+    _load_into(model.clip, {k.removeprefix("clip."): v for k, v in state.items()}, source)
+    model.text_cache.clear()
 
 
 @contextlib.contextmanager
@@ -94,13 +104,19 @@ def create_model(
     freeze_text: bool = True,
     crop_scale: float = 1.5,
     crop_chunk: int = 0,
+    text_cache_dtype: str = "auto",
     init_logit_scale: float = math.log(100),
 ) -> FineCLIPModel:
     """Build ``name`` (any open_clip model with a ViT image tower) with random weights, load a
     local ``checkpoint`` if given, and wrap it. Never downloads anything.
 
     The logit scale θ starts at ``init_logit_scale`` (ln 100) unless the checkpoint brings one.
+    ``text_cache_dtype`` is the dtype of the host table of a frozen text tower's caption
+    embeddings: "auto" (fp16 for embeddings computed on a GPU, as computed otherwise), "float16",
+    "bfloat16" or "float32".
     """
+    if text_cache_dtype not in ("auto", "float16", "bfloat16", "float32"):
+        raise ValueError(f"text_cache_dtype={text_cache_dtype!r}: use auto, float16, bfloat16 or float32")
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
     with _quiet_root_logger():  # open_clip reports every creation step on the root logger
@@ -122,6 +138,7 @@ def create_model(
         freeze_text=freeze_text,
         crop_scale=crop_scale,
         crop_chunk=crop_chunk,
+        text_cache_dtype=None if text_cache_dtype == "auto" else getattr(torch, text_cache_dtype),
         mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
         std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
     )

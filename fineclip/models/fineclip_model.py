@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from fineclip.models.regions import crop_regions, enlarge_boxes, pool_regions
 from fineclip.models.text_cache import TextEmbeddingCache
 from fineclip.models.towers import make_tower_adapter
+from fineclip.timing import section
 
-FEATURES = ("image_emb", "text_emb", "region_emb", "crop_emb", "region_text_emb", "dense")
+FEATURES = ("image_emb", "text_emb", "region_emb", "crop_emb", "region_text_emb", "dense", "logit_scale")
 # asking for "crop_emb_nograd" instead of "crop_emb" gives crop_emb computed without autograd
 # (a detached teacher): no activations are kept for the crop pass
 NO_GRAD_CROPS = "crop_emb_nograd"
@@ -34,6 +35,7 @@ class FineCLIPModel(nn.Module):
         freeze_text: bool = True,
         crop_scale: float = 1.5,
         crop_chunk: int = 0,
+        text_cache_dtype: torch.dtype | None = None,
         mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
         std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
     ) -> None:
@@ -46,7 +48,7 @@ class FineCLIPModel(nn.Module):
         self.crop_scale = crop_scale
         self.crop_chunk = crop_chunk
         self.freeze_text = freeze_text
-        self.text_cache = TextEmbeddingCache()
+        self.text_cache = TextEmbeddingCache(text_cache_dtype)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if freeze_text:
@@ -69,14 +71,19 @@ class FineCLIPModel(nn.Module):
         """Global embedding v of normalised pixels through the usual CLIP path, L2-normalised."""
         return F.normalize(self.clip.encode_image(pixels), dim=-1)
 
-    def encode_image_dense(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image_dense(
+        self, pixels: torch.Tensor, with_global: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One trunk pass -> (v (B, D) normalised, X (B, D, h, w) with each token normalised).
 
         The blocks before the last run once; then the normal last block gives v and the value-path
-        last block (attention replaced by out_proj(V(ln_1 x))) gives the dense tokens.
+        last block (attention replaced by out_proj(V(ln_1 x))) gives the dense tokens. With
+        ``with_global=False`` the normal last block is not run and v is None.
         """
         x, ctx = self.tower.trunk(pixels)
-        image_emb = F.normalize(self.tower.global_head(self.tower.last_block(x, ctx, value_only=False)), dim=-1)
+        image_emb = None
+        if with_global:
+            image_emb = F.normalize(self.tower.global_head(self.tower.last_block(x, ctx, value_only=False)), dim=-1)
         tokens = F.normalize(self.tower.dense_head(self.tower.last_block(x, ctx, value_only=True)), dim=-1)
         h, w = pixels.shape[-2] // self.tower.patch_size[0], pixels.shape[-1] // self.tower.patch_size[1]
         dense = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
@@ -110,7 +117,7 @@ class FineCLIPModel(nn.Module):
         if len(texts) == 0:
             return self.pixel_mean.new_zeros((0, self.embed_dim))
         if self.freeze_text:
-            return self.text_cache.lookup(texts, self._encode_tokens)
+            return self.text_cache.lookup(texts, self._encode_tokens, self.pixel_mean.device)
         # a caption repeated in the batch is encoded once; indexing keeps every copy's gradient
         unique = list(dict.fromkeys(texts))
         if len(unique) == len(texts):
@@ -155,34 +162,43 @@ class FineCLIPModel(nn.Module):
         region_captions: Sequence[str],
         need: Collection[str] = FEATURES,
     ) -> dict[str, torch.Tensor]:
-        """Compute only the features named in ``need`` (a subset of ``FEATURES``)."""
-        unknown = set(need) - set(FEATURES) - {NO_GRAD_CROPS}
+        """Compute only the features named in ``need`` (a subset of ``FEATURES``): a parameter that
+        no requested feature depends on takes no part in the step."""
+        need = set(need)
+        unknown = need - set(FEATURES) - {NO_GRAD_CROPS}
         if unknown:
             raise ValueError(f"unknown features {sorted(unknown)}; known: {FEATURES}")
         pixels = self.normalize_pixels(images)
-        out: dict[str, torch.Tensor] = {"logit_scale": self.logit_scale}
-        if {"region_emb", "dense"} & set(need):
-            out["image_emb"], dense = self.encode_image_dense(pixels)
-            out["region_emb"] = self.pool_regions(dense, regions)
-            if "dense" in need:
-                out["dense"] = dense
-        elif "image_emb" in need:
-            out["image_emb"] = self.encode_image(pixels)
+        out: dict[str, torch.Tensor] = {}
+        if "logit_scale" in need:
+            out["logit_scale"] = self.logit_scale
+        with section("trunk pass"):
+            if {"region_emb", "dense"} & need:
+                image_emb, dense = self.encode_image_dense(pixels, with_global="image_emb" in need)
+                out["region_emb"] = self.pool_regions(dense, regions)
+                if image_emb is not None:
+                    out["image_emb"] = image_emb
+                if "dense" in need:
+                    out["dense"] = dense
+            elif "image_emb" in need:
+                out["image_emb"] = self.encode_image(pixels)
         if "crop_emb" in need or NO_GRAD_CROPS in need:
-            if not len(regions):
-                out["crop_emb"] = pixels.new_zeros((0, self.embed_dim))
-            elif "crop_emb" in need:
-                out["crop_emb"] = self.encode_crops(pixels, regions)
-            else:
-                with torch.no_grad():
+            with section("crop pass"):
+                if not len(regions):
+                    out["crop_emb"] = pixels.new_zeros((0, self.embed_dim))
+                elif "crop_emb" in need:
                     out["crop_emb"] = self.encode_crops(pixels, regions)
+                else:
+                    with torch.no_grad():
+                        out["crop_emb"] = self.encode_crops(pixels, regions)
         texts: list[str] = []
         if "text_emb" in need:
             texts += list(captions)
         if "region_text_emb" in need:
             texts += list(region_captions)
         if texts:
-            text_emb = self.encode_text(texts)
+            with section("text"):
+                text_emb = self.encode_text(texts)
             if "text_emb" in need:
                 out["text_emb"], text_emb = text_emb[: len(captions)], text_emb[len(captions) :]
             if "region_text_emb" in need:

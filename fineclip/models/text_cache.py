@@ -1,4 +1,10 @@
-"""Cache of text embeddings for a frozen text tower: a caption already seen is never re-encoded."""
+"""Cache of text embeddings for a frozen text tower: a caption already seen is never re-encoded.
+
+The embeddings live on the host, in one growing table (fp16 by default when they are computed
+on a GPU), never on the accelerator: COCO's 1.4 M captions and region captions take 1.4 GB of host
+memory per rank instead of ~3 GB of GPU memory (fp32 rows). A step moves only its own rows to the
+device (B + M rows, under 1 MB for batch 32 with 20 regions per image).
+"""
 
 from __future__ import annotations
 
@@ -8,24 +14,54 @@ import torch
 
 
 class TextEmbeddingCache:
-    """Maps caption string -> normalised embedding (detached, on the device it was computed on)."""
+    """Maps caption -> row of a host table of normalised embeddings.
 
-    def __init__(self) -> None:
-        self._store: dict[str, torch.Tensor] = {}
+    ``dtype``: the table's dtype; None keeps what the encoder returns on the CPU and stores fp16
+    when it returns GPU tensors (bf16-autocast embeddings are rounded to fp16's 11-bit mantissa,
+    finer than bf16's 8 bits). Lookups return the encoder's dtype on the encoder's device.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self._rows: dict[str, int] = {}
+        self._table: torch.Tensor | None = None  # (capacity, D) on the host; the first len(self) rows used
+        self._out_dtype: torch.dtype | None = None
         self.encoded = 0  # number of captions actually sent through the text tower
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._rows)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the embedding table (allocated capacity)."""
+        return 0 if self._table is None else self._table.numel() * self._table.element_size()
 
     def clear(self) -> None:
-        self._store.clear()
+        self._rows.clear()
+        self._table = None
 
-    def lookup(self, texts: Sequence[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-        """Embeddings of ``texts`` (N, D); the unseen ones are encoded together in one call."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._store))
+    def _append(self, texts: list[str], rows: torch.Tensor) -> None:
+        start = len(self._rows)
+        if self._table is None or start + len(texts) > self._table.shape[0]:
+            capacity = max(1024, 2 * (start + len(texts)))
+            table = rows.new_empty((capacity, rows.shape[1]))
+            if self._table is not None:
+                table[:start] = self._table[:start]
+            self._table = table
+        self._table[start : start + len(texts)] = rows
+        self._rows.update((text, start + i) for i, text in enumerate(texts))
+
+    def lookup(
+        self, texts: Sequence[str], encode: Callable[[list[str]], torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
+        """Embeddings of ``texts`` (N, D) on ``device``; the unseen ones are encoded together in one call."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._rows))
         if missing:
             with torch.no_grad():
                 fresh = encode(missing).detach()
-            self._store.update(zip(missing, fresh, strict=True))
+            self._out_dtype = fresh.dtype
+            dtype = self.dtype or (torch.float16 if fresh.is_cuda else fresh.dtype)
+            self._append(missing, fresh.to("cpu", dtype))
             self.encoded += len(missing)
-        return torch.stack([self._store[t] for t in texts])
+        index = torch.tensor([self._rows[t] for t in texts], dtype=torch.long)
+        return self._table.index_select(0, index).to(device=device, dtype=self._out_dtype, non_blocking=True)

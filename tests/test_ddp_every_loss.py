@@ -1,0 +1,75 @@
+"""Every loss config of configs/loss/, with both tower kinds, trains under DDP: two gloo ranks run two
+optimizer steps through the trainer and end with the weights of one process holding both ranks'
+batches. (A term that leaves a trainable parameter out of the graph, such as the logit scale under
+loss=sd, used to stop DDP at the second step.)"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from fineclip.cli import CONFIG_DIR
+from fineclip.data.synthetic import generate
+from fineclip.engine.distributed import DistInfo
+from fineclip.engine.trainer import train
+
+LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))
+MODELS = ("tiny", "tiny_eva")  # open_clip's VisionTransformer, timm's Eva (rotary embeddings)
+PER_RANK = 4
+
+
+def _config(data_root, loss, model, batch_size):
+    overrides = [
+        f"loss={loss}", f"model={model}", f"data.root={data_root}", f"data.batch_size={batch_size}",
+        "data.val=null", "trainer.epochs=1", "trainer.progress=false", "trainer.tensorboard=false",
+        "trainer.log_every=1", "optim=sgd", "optim.optimizer.lr=0.5", "optim.optimizer.momentum=0.0",
+        "optim.scheduler.warmup_steps=0", "optim.scheduler.min_lr=0.5",  # a constant lr: both steps count
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def _worker(rank, init_file, data_root, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    for model in MODELS:
+        for loss in LOSSES:
+            cfg = _config(data_root, loss, model, PER_RANK)
+            train(cfg, os.path.join(out_dir, f"{model}-{loss}"), DistInfo(rank, 2, rank))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp_every_loss")
+    data_root = generate(tmp / "data", train=16, val=0, size=64, seed=3)  # 2 steps of 2 x 4 images
+    mp.spawn(_worker, args=(str(tmp / "init"), str(data_root), str(tmp / "ddp")), nprocs=2, join=True)
+    return tmp, data_root
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_two_ranks_equal_one_process_for_every_loss(runs, loss, model):
+    tmp, data_root = runs
+    torch.manual_seed(0)
+    cfg = _config(data_root, loss, model, 2 * PER_RANK)
+    train(cfg, tmp / "one" / f"{model}-{loss}")
+    one, two = _weights(tmp / "one" / f"{model}-{loss}"), _weights(tmp / "ddp" / f"{model}-{loss}")
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        start = instantiate(cfg.model).state_dict()  # the initial weights of both runs
+    moved = 0
+    for name, initial in start.items():
+        delta_one, delta_two = one[name] - initial, two[name] - initial
+        scale = delta_one.norm().clamp(min=1e-4)  # a zero gradient (key biases) is rounding noise either way
+        assert (delta_two - delta_one).norm() / scale < 1e-4, (name, delta_one.norm().item())
+        moved += int(delta_one.norm() > 0)
+    assert moved > 0  # the steps did train something
