@@ -172,28 +172,23 @@ def protocol_name(cfg: DictConfig) -> str | None:
     return cfg.eval.get("protocol") or evaluation_source(cfg).get("protocol")
 
 
-def _known() -> str:
-    return ", ".join([*BOX_PROTOCOLS, *RETRIEVAL_PROTOCOLS])
+def _choose(cfg: DictConfig, own: dict, other: dict, default: str):
+    name = protocol_name(cfg)
+    if name is None or name in other:  # a protocol of the other task: this task's default
+        return own[default]
+    if name not in own:
+        raise ProtocolError(f"eval.protocol={name!r} is unknown; known protocols: {', '.join([*own, *other])}")
+    return _check_data(own[name], cfg)
 
 
 def box_protocol(cfg: DictConfig) -> BoxProtocol:
     """The box protocol of a composed config (none named: box_default)."""
-    name = protocol_name(cfg)
-    if name is None or name in RETRIEVAL_PROTOCOLS:
-        return BOX_PROTOCOLS["box_default"]
-    if name not in BOX_PROTOCOLS:
-        raise ProtocolError(f"eval.protocol={name!r} is unknown; known protocols: {_known()}")
-    return _check_data(BOX_PROTOCOLS[name], cfg)
+    return _choose(cfg, BOX_PROTOCOLS, RETRIEVAL_PROTOCOLS, "box_default")
 
 
 def retrieval_protocol(cfg: DictConfig) -> RetrievalProtocol:
     """The retrieval protocol of a composed config (none named: retrieval_default)."""
-    name = protocol_name(cfg)
-    if name is None or name in BOX_PROTOCOLS:
-        return RETRIEVAL_PROTOCOLS["retrieval_default"]
-    if name not in RETRIEVAL_PROTOCOLS:
-        raise ProtocolError(f"eval.protocol={name!r} is unknown; known protocols: {_known()}")
-    return _check_data(RETRIEVAL_PROTOCOLS[name], cfg)
+    return _choose(cfg, RETRIEVAL_PROTOCOLS, BOX_PROTOCOLS, "retrieval_default")
 
 
 def _check_data(protocol, cfg: DictConfig):

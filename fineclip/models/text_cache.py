@@ -43,7 +43,7 @@ class TextEmbeddingCache:
     def _append(self, texts: list[str], rows: torch.Tensor) -> None:
         start = len(self._rows)
         if self._table is None or start + len(texts) > self._table.shape[0]:
-            capacity = max(1024, 2 * (start + len(texts)))
+            capacity = max(1024, (start + len(texts)) * 5 // 4)  # grow by 25 %: little unused space
             table = rows.new_empty((capacity, rows.shape[1]))
             if self._table is not None:
                 table[:start] = self._table[:start]
