@@ -98,12 +98,19 @@ def collect(paths: list[str | Path]) -> list[RunResult]:
     return rows
 
 
+def protocols(r: RunResult) -> str:
+    """The evaluation protocols that made the run's numbers (fineclip.eval.protocols)."""
+    return ", ".join(str(r.values[k]) for k in ("box/protocol", "retrieval/protocol") if k in r.values)
+
+
 def markdown_table(rows: list[RunResult]) -> str:
     columns = [c for c in COLUMNS if any(c[0] in r.values for r in rows)]
-    header = ["#", "run", "GC/SD/RC weights", *(c[1] for c in columns)]
+    with_protocols = any(protocols(r) for r in rows)
+    header = ["#", "run", "GC/SD/RC weights", *(c[1] for c in columns)] + (["protocols"] if with_protocols else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows, 1):
         cells = [fmt.format(r.values[key]) if key in r.values else "—" for key, _, fmt in columns]
+        cells += [protocols(r) or "—"] if with_protocols else []
         lines.append("| " + " | ".join([str(i), r.label, r.loss_weights, *cells]) + " |")
     missing = [r for r in rows if "box/top1" not in r.values and "retrieval/i2t_r1" not in r.values]
     if missing:
@@ -117,9 +124,9 @@ def write_csv(rows: list[RunResult], path: str | Path) -> None:
     keys = [c[0] for c in COLUMNS]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "path", "gc/sd/rc weights", *keys])
+        writer.writerow(["run", "path", "gc/sd/rc weights", *keys, "protocols"])
         for r in rows:
-            writer.writerow([r.label, str(r.path), r.loss_weights, *(r.values.get(k, "") for k in keys)])
+            writer.writerow([r.label, str(r.path), r.loss_weights, *(r.values.get(k, "") for k in keys), protocols(r)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,8 @@ def _fake_run(path, overrides, loss, metrics=None, epochs=()):
 def test_rows_follow_job_order_with_labels_averages_and_failures(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     common = ["+experiment=x", "trainer.progress=False"]
-    metrics = {"box/top1": 45.94, "box/top5": 99.0, "retrieval/i2t_r1": 80.0, "retrieval/t2i_r1": 70.25}
+    metrics = {"box/top1": 45.94, "box/top5": 99.0, "retrieval/i2t_r1": 80.0, "retrieval/t2i_r1": 70.25,
+               "box/protocol": "box_fc", "retrieval/protocol": "retrieval_fc"}
     _fake_run(sweep / "10_loss=fineclip", [*common, "loss=fineclip"], (1, 1, 1), metrics, [(10.0, 1.0), (14.0, 1.5)])
     _fake_run(sweep / "2_loss=clip", [*common, "loss=clip"], (1, 0, 0), {"box/top1": 25.0}, [(4.0, 0.5)])
     _fake_run(sweep / "3_loss=sd", [*common, "loss=sd"], (0, 1, 0))  # failed: no eval.json
@@ -40,9 +41,11 @@ def test_rows_follow_job_order_with_labels_averages_and_failures(tmp_path, capsy
     out = tmp_path / "results.csv"
     main([str(single), str(sweep), "--csv", str(out)])
     table = capsys.readouterr().out
-    assert "| 4 | loss=fineclip | 1/1/1 | 45.9 | 99.0 | 80.0 | 70.2 | 12 | 1.50 |" in table
+    assert "| 4 | loss=fineclip | 1/1/1 | 45.9 | 99.0 | 80.0 | 70.2 | 12 | 1.50 | box_fc, retrieval_fc |" in table
+    assert "| 2 | loss=clip | 1/0/0 | 25.0 | — | — | — | 4 | 0.50 | — |" in table
     assert "1 run(s) without eval.json" in table and "3_loss=sd" in table
     with open(out, newline="") as f:
         records = list(csv.DictReader(f))
     assert [r["run"] for r in records] == ["table", "loss=clip", "loss=sd", "loss=fineclip"]
     assert float(records[3]["retrieval/t2i_r1"]) == 70.25 and records[2]["box/top1"] == ""
+    assert records[3]["protocols"] == "box_fc, retrieval_fc"
