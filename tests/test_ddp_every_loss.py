@@ -1,7 +1,7 @@
-"""Every loss config of configs/loss/, with both tower kinds, trains under DDP: two gloo ranks run two
-optimizer steps through the trainer and end with the weights of one process holding both ranks'
-batches. (A term that leaves a trainable parameter out of the graph, such as the logit scale under
-loss=sd, used to stop DDP at the second step.)"""
+"""Every loss config of configs/loss/, with both tower kinds (and the frozen/EMA teachers and grid
+regions), trains under DDP: two gloo ranks run two optimizer steps through the trainer and end
+with the weights of one process holding both ranks' batches. (A term that leaves a trainable
+parameter out of the graph, such as the logit scale under loss=sd, used to stop DDP at step 2.)"""
 
 import os
 
@@ -19,11 +19,21 @@ from fineclip.engine.trainer import train
 
 LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))
 MODELS = ("tiny", "tiny_eva")  # open_clip's VisionTransformer, timm's Eva (rotary embeddings)
+# (model, loss, extra overrides): every loss with both towers, and the teacher / region roles
+CASES = [(model, loss, ()) for model in MODELS for loss in LOSSES] + [
+    ("tiny", "sd", ("teacher=ema", "teacher.momentum=0.5", "regions=grid")),
+    ("tiny_eva", "sd", ("teacher=frozen",)),
+    ("tiny", "fineclip", ("teacher=frozen",)),
+]
 PER_RANK = 4
 
 
-def _config(data_root, loss, model, batch_size):
-    overrides = [
+def _name(model, loss, extra):
+    return "-".join([model, loss, *extra])
+
+
+def _config(data_root, loss, model, batch_size, extra=()):
+    overrides = [*extra,
         f"loss={loss}", f"model={model}", f"data.root={data_root}", f"data.batch_size={batch_size}",
         "data.val=null", "trainer.epochs=1", "trainer.progress=false", "trainer.tensorboard=false",
         "trainer.log_every=1", "optim=sgd", "optim.optimizer.lr=0.5", "optim.optimizer.momentum=0.0",
@@ -40,10 +50,9 @@ def _weights(run_dir):
 def _worker(rank, init_file, data_root, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    for model in MODELS:
-        for loss in LOSSES:
-            cfg = _config(data_root, loss, model, PER_RANK)
-            train(cfg, os.path.join(out_dir, f"{model}-{loss}"), DistInfo(rank, 2, rank))
+    for model, loss, extra in CASES:
+        cfg = _config(data_root, loss, model, PER_RANK, extra)
+        train(cfg, os.path.join(out_dir, _name(model, loss, extra)), DistInfo(rank, 2, rank))
     dist.destroy_process_group()
 
 
@@ -55,14 +64,14 @@ def runs(tmp_path_factory):
     return tmp, data_root
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("loss", LOSSES)
-def test_two_ranks_equal_one_process_for_every_loss(runs, loss, model):
+@pytest.mark.parametrize(("model", "loss", "extra"), CASES, ids=[_name(*case) for case in CASES])
+def test_two_ranks_equal_one_process_for_every_loss(runs, model, loss, extra):
     tmp, data_root = runs
     torch.manual_seed(0)
-    cfg = _config(data_root, loss, model, 2 * PER_RANK)
-    train(cfg, tmp / "one" / f"{model}-{loss}")
-    one, two = _weights(tmp / "one" / f"{model}-{loss}"), _weights(tmp / "ddp" / f"{model}-{loss}")
+    cfg = _config(data_root, loss, model, 2 * PER_RANK, extra)
+    run_name = _name(model, loss, extra)
+    train(cfg, tmp / "one" / run_name)
+    one, two = _weights(tmp / "one" / run_name), _weights(tmp / "ddp" / run_name)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         start = instantiate(cfg.model).state_dict()  # the initial weights of both runs
@@ -73,3 +82,7 @@ def test_two_ranks_equal_one_process_for_every_loss(runs, loss, model):
         assert (delta_two - delta_one).norm() / scale < 1e-4, (name, delta_one.norm().item())
         moved += int(delta_one.norm() > 0)
     assert moved > 0  # the steps did train something
+    teachers = [torch.load(d / run_name / "checkpoints" / "last.pt", weights_only=True)["teacher"] for d in
+                (tmp / "one", tmp / "ddp")]
+    for key, value in teachers[0].get("model", {}).items():  # a frozen or EMA copy: the same on both sides
+        torch.testing.assert_close(teachers[1]["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)

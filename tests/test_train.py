@@ -99,7 +99,7 @@ def test_every_config_composes():
         for kind in ("coco_panoptic", "coco_captions"):
             cfg = compose(config_name="train", overrides=[f"+data@eval.benchmark={kind}", "eval.benchmark.root=/x"])
             assert cfg.eval.benchmark.val._target_.startswith("fineclip.data.RegionCaptionDataset.from_")
-        for group in ("data", "model", "loss", "optim", "trainer"):
+        for group in ("data", "model", "loss", "optim", "trainer", "teacher", "regions"):
             for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
                 compose(config_name="train", overrides=[f"{group}={option}"])
         for option in sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")):

@@ -16,6 +16,7 @@ from torch import nn
 
 from fineclip.engine.distributed import all_reduce_sum
 from fineclip.losses import CompositeLoss
+from fineclip.methods.teachers import Teacher
 from fineclip.models import FineCLIPModel
 from fineclip.timing import section
 
@@ -39,13 +40,20 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def forward_loss(model: nn.Module, loss_fn: CompositeLoss, batch: dict) -> tuple[torch.Tensor, dict]:
+def forward_loss(
+    model: nn.Module, loss_fn: CompositeLoss, batch: dict, teacher: Teacher | None = None
+) -> tuple[torch.Tensor, dict]:
     """The features the enabled loss terms need (through the DDP wrapper when ``model`` is one, so
-    that gradients are averaged), combined into (total, {term: value})."""
+    that gradients are averaged; those a teacher provides from the teacher), combined into
+    (total, {term: value})."""
+    need = loss_fn.required_features
+    from_teacher = need & teacher.provides if teacher is not None else frozenset()
     features = model(
-        batch["images"], batch["captions"], batch["regions"], batch["region_captions"],
-        need=loss_fn.required_features,
+        batch["images"], batch["captions"], batch["regions"], batch["region_captions"], need=need - from_teacher,
     )
+    if from_teacher:
+        with section("teacher"):
+            features.update(teacher.features(batch["images"], batch["regions"], from_teacher))
     with section("losses"):
         return loss_fn(features)
 
@@ -73,6 +81,7 @@ def train_step(
     precision: str = "fp32",
     grad_clip: float = 0.0,
     check_finite: bool = False,
+    teacher: Teacher | None = None,
 ) -> StepResult:
     """One optimizer step over ``micro_batches`` (K > 1: gradient accumulation; each micro-batch is
     its own contrastive batch). Gradients are synchronised across ranks on the last micro-batch
@@ -87,7 +96,7 @@ def train_step(
         defer_sync = ddp_model is not None and i < count - 1
         with ddp_model.no_sync() if defer_sync else contextlib.nullcontext():
             with autocast_context(device, precision):
-                loss, parts = forward_loss(forward_model, loss_fn, batch)
+                loss, parts = forward_loss(forward_model, loss_fn, batch, teacher)
             if check_finite and not _finite_on_every_rank(loss):
                 optimizer.zero_grad(set_to_none=True)
                 return StepResult(finite=False, parts=parts)

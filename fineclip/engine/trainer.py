@@ -40,6 +40,8 @@ from fineclip.eval.protocols import ProtocolError, box_protocol, dense_image_siz
 from fineclip.eval.runner import build_eval_set, evaluate_from_config
 from fineclip.losses import CompositeLoss
 from fineclip.losses.gather import is_distributed
+from fineclip.methods import GridRegions
+from fineclip.methods.teachers import SelfTeacher, Teacher
 from fineclip.models import FineCLIPModel
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,9 @@ def compile_blocks(model: FineCLIPModel) -> None:
     model.clip.visual.compile()
 
 
-def freeze_unused_parameters(model: FineCLIPModel, loss_fn: CompositeLoss, precision: str = "fp32") -> list[str]:
+def freeze_unused_parameters(
+    model: FineCLIPModel, loss_fn: CompositeLoss, precision: str = "fp32", teacher: Teacher | None = None
+) -> list[str]:
     """Make every trainable parameter that no enabled loss term depends on not trainable; returns
     their names.
 
@@ -107,7 +111,7 @@ def freeze_unused_parameters(model: FineCLIPModel, loss_fn: CompositeLoss, preci
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with autocast_context(device, precision):
-            loss, _ = forward_loss(model, loss_fn, batch)
+            loss, _ = forward_loss(model, loss_fn, batch, teacher)
         grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
     model.text_cache.clear()
     model.train(was_training)
@@ -135,6 +139,8 @@ class Run:
     precision: str
     model: FineCLIPModel
     ddp_model: DistributedDataParallel | None
+    teacher: Teacher
+    region_source: GridRegions | None
     loss_fn: CompositeLoss
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -160,7 +166,10 @@ def build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
     if tcfg.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
-    frozen = freeze_unused_parameters(model, loss_fn, precision)
+    teacher: Teacher = instantiate(cfg.teacher) if cfg.get("teacher") else SelfTeacher()
+    teacher.setup(model)  # a copy of the initial model, for the teachers that keep one
+    region_source = instantiate(cfg.regions) if cfg.get("regions") and cfg.regions.get("_target_") else None
+    frozen = freeze_unused_parameters(model, loss_fn, precision, teacher)
     if frozen and dist.is_main:
         log.info("not trained by the enabled loss terms, so frozen: %s", summarize_names(frozen))
     if tcfg.compile:
@@ -190,8 +199,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
     ddp_model = None
     if dist.enabled:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Run(cfg, run_dir, dist, device, precision, model, ddp_model, loss_fn, optimizer, scheduler,
-               scaler, train_set, sampler, val_set, accumulate, steps_per_epoch, total_steps)
+    return Run(cfg, run_dir, dist, device, precision, model, ddp_model, teacher, region_source, loss_fn, optimizer,
+               scheduler, scaler, train_set, sampler, val_set, accumulate, steps_per_epoch, total_steps)
 
 
 # -- checkpoints and resuming -----------------------------------------------------------------------
@@ -275,6 +284,8 @@ def resume(run: Run) -> Progress:
     for group, hyper in zip(run.optimizer.param_groups, current_hyper, strict=True):
         group.update(hyper)
     run.scaler.load_state_dict(state["scaler"])
+    if state.get("teacher"):
+        run.teacher.load_state_dict(state["teacher"])
     set_rng_states(state["rng"][min(run.dist.rank, len(state["rng"]) - 1)])
     progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"])
     if progress.step_in_epoch >= run.steps_per_epoch:
@@ -299,6 +310,7 @@ def save(run: Run, progress: Progress, reason: str) -> None:
             "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(),
+            "teacher": run.teacher.state_dict(),
             "epoch": progress.epoch,
             "step_in_epoch": progress.step_in_epoch,
             "global_step": progress.step,
@@ -363,7 +375,10 @@ def epoch_batches(run: Run, progress: Progress):
     )
     batches = iter(loader)
     for _ in range(progress.step_in_epoch, run.steps_per_epoch):
-        yield [next(batches) for _ in range(run.accumulate)]
+        micro_batches = [next(batches) for _ in range(run.accumulate)]
+        if run.region_source is not None:
+            micro_batches = [run.region_source(b, progress.epoch) for b in micro_batches]
+        yield micro_batches
 
 
 def log_step(run: Run, progress: Progress, result: StepResult, logger: MetricsLogger | None, bar, throughput):
@@ -409,7 +424,8 @@ def run_epoch(run: Run, progress: Progress, logger: MetricsLogger | None, stop: 
     for micro_batches in epoch_batches(run, progress):
         run.scheduler.step_update(progress.step + 1)  # the lr of optimizer step k is schedule(k), k = 1..total
         result = train_step(run.model, run.loss_fn, run.optimizer, micro_batches, ddp_model=run.ddp_model,
-                            scaler=run.scaler, precision=run.precision, grad_clip=tcfg.grad_clip, check_finite=True)
+                            scaler=run.scaler, precision=run.precision, grad_clip=tcfg.grad_clip, check_finite=True,
+                            teacher=run.teacher)
         if not result.finite:
             message = f"non-finite loss at step {progress.step + 1} (epoch {progress.epoch + 1}); parts: " + ", ".join(
                 f"{k}={v.item():.4g}" for k, v in result.parts.items())
@@ -420,6 +436,8 @@ def run_epoch(run: Run, progress: Progress, logger: MetricsLogger | None, stop: 
             log.warning("%s: step skipped (%d so far)", message, skipped)
         progress.step += 1
         progress.step_in_epoch += 1
+        if result.finite:
+            run.teacher.after_step(run.model, progress.step, run.total_steps)
         bar.update(1)
         throughput.add(run.global_batch)
         if result.finite and (progress.step % tcfg.log_every == 0 or progress.step == run.total_steps):

@@ -1,0 +1,103 @@
+"""Teachers: where the distillation target (the embedding of each region's crop) comes from.
+
+- ``SelfTeacher`` — the model itself, live, inside the student's own forward (FineCLIP: the crop
+  side of L_SD carries gradient unless ``loss.detach_teacher``).
+- ``FrozenTeacher`` — a copy of the initial model that never changes (CLIPSelf, RegionCLIP).
+- ``EMATeacher`` — a copy updated after every optimizer step as θ_t ← m_k·θ_t + (1 − m_k)·θ_s,
+  with m_k rising from ``momentum`` to 1 on a cosine over the run (DetailCLIP, DINO):
+  m_k = 1 − (1 − momentum)·(cos(π·k/N) + 1)/2 after step k of N.
+
+A copy is outside the optimizer and outside DDP (a separate module on the same device), runs
+without autograd, and is saved with the checkpoint (so a resumed run continues with the same one).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from fineclip.models import FineCLIPModel
+
+CROP_FEATURES = frozenset({"crop_emb", "crop_emb_nograd"})
+
+
+class Teacher:
+    """The role's hooks. ``provides``: the features the teacher computes instead of the student."""
+
+    provides: frozenset[str] = frozenset()
+
+    def setup(self, model: FineCLIPModel) -> None:
+        """Called once with the initial model, before any step."""
+
+    def features(self, images: torch.Tensor, regions: torch.Tensor, need: frozenset[str]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def after_step(self, model: FineCLIPModel, step: int, total_steps: int) -> None:
+        """Called after optimizer step ``step`` (1-based) of ``total_steps``."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SelfTeacher(Teacher):
+    """The model itself: the student's forward computes the crop embeddings (today's FineCLIP)."""
+
+
+class FrozenTeacher(Teacher):
+    """A frozen copy of the initial model embeds the region crops."""
+
+    provides = CROP_FEATURES
+
+    def __init__(self) -> None:
+        self.model: FineCLIPModel | None = None
+
+    def setup(self, model: FineCLIPModel) -> None:
+        self.model = copy.deepcopy(model).eval()
+        self.model.text_cache.clear()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def features(self, images, regions, need) -> dict[str, torch.Tensor]:
+        if not (need & CROP_FEATURES):
+            return {}
+        if not len(regions):
+            return {"crop_emb": images.new_zeros((0, self.model.embed_dim), dtype=torch.float32)}
+        return {"crop_emb": self.model.encode_crops(self.model.normalize_pixels(images), regions)}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+
+
+def ema_momentum(step: int, total_steps: int, start: float) -> float:
+    """m_k = 1 − (1 − start)·(cos(π·k/N) + 1)/2: ``start`` at k = 0, 1 at k = N."""
+    return 1.0 - (1.0 - start) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
+
+
+class EMATeacher(FrozenTeacher):
+    """An exponential moving average of the student, on a cosine momentum schedule."""
+
+    def __init__(self, momentum: float = 0.996) -> None:
+        super().__init__()
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def after_step(self, model: FineCLIPModel, step: int, total_steps: int) -> None:
+        m = ema_momentum(step, total_steps, self.momentum)
+        student = dict(model.named_parameters())
+        for name, param in self.model.named_parameters():
+            param.lerp_(student[name].detach(), 1.0 - m)  # θ_t + (1 − m)(θ_s − θ_t) = m·θ_t + (1 − m)·θ_s
+
+
+def teacher_module(teacher: Teacher) -> nn.Module | None:
+    """The teacher's own copy of the model, if it has one."""
+    return getattr(teacher, "model", None)
