@@ -24,6 +24,7 @@ CASES = [(model, loss, ()) for model in MODELS for loss in LOSSES] + [
     ("tiny", "sd", ("teacher=ema", "teacher.momentum=0.5", "regions=grid")),
     ("tiny_eva", "sd", ("teacher=frozen",)),
     ("tiny", "fineclip", ("teacher=frozen",)),
+    ("tiny_eva", "sd", ("method=clipself",)),  # frozen teacher, grid cells, alpha-ensembled release
 ]
 PER_RANK = 4
 

@@ -153,3 +153,47 @@ def test_an_ema_teacher_with_grid_regions_resumes_exactly(tmp_path):
             assert torch.equal(value, flat_b[name]), (part, name)
     # the EMA teacher moved away from the student's start and differs from the student
     assert any(not torch.equal(a["teacher"]["model"][k], v) for k, v in a["model"].items())
+
+
+def test_methods_set_loss_teacher_and_regions_and_the_command_line_still_wins():
+    def composed(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=list(overrides))
+        weights = (cfg.loss.gc_weight, cfg.loss.sd_weight, cfg.loss.rc_weight)
+        return weights, cfg.teacher._target_.rsplit(".", 1)[1], cfg.regions.get("_target_", "boxes")
+
+    assert composed() == ((1, 1, 1), "SelfTeacher", "boxes")  # method=fineclip, the default
+    assert composed("method=clip") == ((1, 0, 0), "SelfTeacher", "boxes")
+    assert composed("method=clipself") == ((0, 1, 0), "FrozenTeacher", "fineclip.methods.GridRegions")
+    assert composed("method=clipself", "regions=boxes") == ((0, 1, 0), "FrozenTeacher", "boxes")
+    assert composed("method=fineclip", "teacher=ema") == ((1, 1, 1), "EMATeacher", "boxes")
+
+
+def test_clipself_releases_the_alpha_ensemble_of_student_and_initial_weights(tmp_path):
+    from fineclip.data.synthetic import generate
+    from fineclip.eval import evaluate
+    from fineclip.evaluate import load_model
+
+    data_root = generate(tmp_path / "data", train=16, val=4, size=64, seed=4)
+    overrides = [f"data.root={data_root}", "data.batch_size=4", "trainer.progress=false", "trainer.epochs=1",
+                 "trainer.tensorboard=false", "method=clipself", "optim.optimizer.lr=1e-2"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    metrics = train(cfg, tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    released = torch.load(tmp_path / "run" / "checkpoints" / "ensembled.pt", weights_only=True)["model"]
+    initial = last["teacher"]["model"]
+    moved = 0
+    for name, student in last["model"].items():
+        torch.testing.assert_close(released[name], 0.7 * student + 0.3 * initial[name], rtol=0, atol=1e-7)
+        moved += int(not torch.equal(student, initial[name]))
+    assert moved > 0  # the student trained, so the ensemble is neither of the two
+    # the final evaluation is that of the released weights, and fineclip.evaluate reproduces it
+    ensembled = tmp_path / "run" / "checkpoints" / "ensembled.pt"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        eval_cfg = compose(config_name="evaluate", overrides=[f"data.root={data_root}", f"checkpoint={ensembled}"])
+    model, _ = load_model(eval_cfg)
+    from fineclip.eval.runner import build_eval_set
+
+    again = evaluate(model, build_eval_set(eval_cfg, 64, 8), templates=list(cfg.data.templates), progress=False)
+    assert again == pytest.approx(metrics)

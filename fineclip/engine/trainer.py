@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fineclip.data import RegionCaptionDataset, collate_regions
 from fineclip.data.random_batch import random_batch
 from fineclip.data.sampler import GlobalBatchSampler
-from fineclip.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_step_checkpoint
+from fineclip.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint, save_step_checkpoint
 from fineclip.engine.distributed import DistInfo, all_reduce_sum, barrier, resolve_device
 from fineclip.engine.metrics_log import MetricsLogger, peak_memory_gb
 from fineclip.engine.step import StepResult, autocast_context, forward_loss, resolve_precision, train_step
@@ -462,6 +462,21 @@ def evaluate_and_log(run: Run, progress: Progress, logger: MetricsLogger, epoch:
     return metrics
 
 
+def release_weights(run: Run, progress: Progress) -> None:
+    """When the teacher makes the released weights (CLIPSelf's α-ensemble), write them as
+    ``checkpoints/ensembled.pt`` and load them into the model for the final evaluation; ``last.pt``
+    keeps the student, so the run can still be resumed or extended."""
+    weights = run.teacher.final_weights(run.model)
+    if weights is None:
+        return
+    if run.dist.is_main:
+        state = {"model": weights, "config": OmegaConf.to_container(run.cfg, resolve=True),
+                 "epoch": progress.epoch, "global_step": progress.step}
+        path = save_checkpoint(state, run.run_dir / "checkpoints" / "ensembled.pt")
+        log.info("released weights (the teacher's ensemble with the student): %s", path)
+    run.model.load_state_dict(weights)
+
+
 def train(cfg: DictConfig, run_dir: str | Path, dist_info: DistInfo | None = None) -> dict:
     """Train as configured; returns the final evaluation metrics (empty without a val set)."""
     run = build(cfg, Path(run_dir), dist_info or DistInfo())
@@ -501,6 +516,7 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: DistInfo | None = Non
     finally:
         stop.restore()
 
+    release_weights(run, progress)
     metrics: dict = {}
     if main and run.val_set is not None:
         metrics = evaluate_and_log(run, progress, logger, tcfg.epochs - 1)
