@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -39,7 +40,7 @@ from fineclip.eval import format_metrics
 from fineclip.eval.protocols import ProtocolError, box_protocol, dense_image_size
 from fineclip.eval.runner import build_eval_set, evaluate_from_config
 from fineclip.losses import CompositeLoss
-from fineclip.losses.gather import is_distributed
+from fineclip.losses.gather import is_distributed, local_only
 from fineclip.methods import GridRegions
 from fineclip.methods.teachers import SelfTeacher, Teacher
 from fineclip.models import FineCLIPModel
@@ -197,8 +198,11 @@ def build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
     scheduler = instantiate(cfg.optim.scheduler, optimizer=optimizer, total_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ddp_model = None
-    if dist.enabled:
+    if dist.enabled and tcfg.get("sync_grads", True):
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif dist.enabled and dist.is_main:
+        log.warning("trainer.sync_grads=false: every rank trains its own replica on its shard with local losses, "
+                    "and rank 0's weights are saved (parity with the public CLIPSelf-lineage code only)")
     return Run(cfg, run_dir, dist, device, precision, model, ddp_model, teacher, region_source, loss_fn, optimizer,
                scheduler, scaler, train_set, sampler, val_set, accumulate, steps_per_epoch, total_steps)
 
@@ -423,9 +427,11 @@ def run_epoch(run: Run, progress: Progress, logger: MetricsLogger | None, stop: 
     skipped = 0
     for micro_batches in epoch_batches(run, progress):
         run.scheduler.step_update(progress.step + 1)  # the lr of optimizer step k is schedule(k), k = 1..total
-        result = train_step(run.model, run.loss_fn, run.optimizer, micro_batches, ddp_model=run.ddp_model,
-                            scaler=run.scaler, precision=run.precision, grad_clip=tcfg.grad_clip, check_finite=True,
-                            teacher=run.teacher)
+        parity = run.dist.enabled and run.ddp_model is None  # trainer.sync_grads=false
+        with local_only() if parity else contextlib.nullcontext():
+            result = train_step(run.model, run.loss_fn, run.optimizer, micro_batches, ddp_model=run.ddp_model,
+                                scaler=run.scaler, precision=run.precision, grad_clip=tcfg.grad_clip,
+                                check_finite=True, teacher=run.teacher)
         if not result.finite:
             message = f"non-finite loss at step {progress.step + 1} (epoch {progress.epoch + 1}); parts: " + ", ".join(
                 f"{k}={v.item():.4g}" for k, v in result.parts.items())

@@ -10,14 +10,30 @@ single-process loss over the global batch. On one process every function is the 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
+_local_only = False
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Inside the block every rank computes its losses alone, as if it were the only process (the
+    parity mode ``trainer.sync_grads=false``)."""
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
+
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _local_only and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
