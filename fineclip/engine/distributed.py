@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fineclip.losses.gather import is_distributed
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -85,15 +83,21 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
+def in_process_group() -> bool:
+    """True when ranks run together (also in parity mode, whose losses are local but whose step
+    flags, logs and checkpoints still go through the group)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
+    if in_process_group():
         value = value.clone()
         dist.all_reduce(value)
     return value
 
 
 def barrier() -> None:
-    if is_distributed():
+    if in_process_group():
         dist.barrier()
 
 

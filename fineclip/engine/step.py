@@ -63,11 +63,15 @@ class StepResult:
     finite: bool  # False: a rank saw a NaN/inf loss and no parameter was updated
     loss: torch.Tensor | None = None  # mean over the micro-batches, detached, on the device
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # each term, mean over micro-batches
+    stop_requested: bool = False  # some rank asked to stop (SIGTERM/SIGUSR1), known to every rank
 
 
-def _finite_on_every_rank(loss: torch.Tensor) -> bool:
-    bad = all_reduce_sum((~torch.isfinite(loss.detach())).float())
-    return bool(bad.item() == 0)  # the one host-device synchronisation of a checked step
+def _check_every_rank(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """(the loss is finite on every rank, some rank asked to stop): one all-reduce of two flags and
+    the one host-device synchronisation of a checked step."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop_requested))])
+    bad, stop = all_reduce_sum(flags.float()).tolist()
+    return bad == 0, stop > 0
 
 
 def train_step(
@@ -82,24 +86,28 @@ def train_step(
     grad_clip: float = 0.0,
     check_finite: bool = False,
     teacher: Teacher | None = None,
+    stop_requested: bool = False,
 ) -> StepResult:
     """One optimizer step over ``micro_batches`` (K > 1: gradient accumulation; each micro-batch is
     its own contrastive batch). Gradients are synchronised across ranks on the last micro-batch
-    only. With ``check_finite`` a NaN/inf loss on any rank leaves every rank's weights untouched."""
+    only. With ``check_finite`` a NaN/inf loss on any rank leaves every rank's weights untouched,
+    and this rank's ``stop_requested`` travels in the same all-reduce (``StepResult.stop_requested``)."""
     device = model.pixel_mean.device
     forward_model = ddp_model if ddp_model is not None else model
     count = len(micro_batches)
     optimizer.zero_grad(set_to_none=True)
-    losses, parts_sum = [], {}
+    losses, parts_sum, stop_anywhere = [], {}, stop_requested
     for i, batch in enumerate(micro_batches):
         batch = move_batch(batch, device)
         defer_sync = ddp_model is not None and i < count - 1
         with ddp_model.no_sync() if defer_sync else contextlib.nullcontext():
             with autocast_context(device, precision):
                 loss, parts = forward_loss(forward_model, loss_fn, batch, teacher)
-            if check_finite and not _finite_on_every_rank(loss):
-                optimizer.zero_grad(set_to_none=True)
-                return StepResult(finite=False, parts=parts)
+            if check_finite:
+                finite, stop_anywhere = _check_every_rank(loss, stop_requested)
+                if not finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    return StepResult(finite=False, parts=parts, stop_requested=stop_anywhere)
             with section("backward"):
                 scaled = loss / count
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -117,4 +125,4 @@ def train_step(
         else:
             optimizer.step()
         model.clamp_logit_scale()
-    return StepResult(finite=True, loss=torch.stack(losses).mean(), parts=parts_sum)
+    return StepResult(finite=True, loss=torch.stack(losses).mean(), parts=parts_sum, stop_requested=stop_anywhere)

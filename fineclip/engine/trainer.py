@@ -40,7 +40,7 @@ from fineclip.eval import format_metrics
 from fineclip.eval.protocols import ProtocolError, box_protocol, dense_image_size
 from fineclip.eval.runner import build_eval_set, evaluate_from_config
 from fineclip.losses import CompositeLoss
-from fineclip.losses.gather import is_distributed, local_only
+from fineclip.losses.gather import local_only
 from fineclip.methods import GridRegions
 from fineclip.methods.teachers import SelfTeacher, Teacher
 from fineclip.models import FineCLIPModel
@@ -350,11 +350,6 @@ class StopRequest:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
-    def on_any_rank(self, device: torch.device) -> bool:
-        if not is_distributed():
-            return self.requested
-        return bool(all_reduce_sum(torch.tensor(float(self.requested), device=device)).item() > 0)
-
     def hand_over(self) -> None:
         if not self.signal_name:
             return
@@ -431,7 +426,7 @@ def run_epoch(run: Run, progress: Progress, logger: MetricsLogger | None, stop: 
         with local_only() if parity else contextlib.nullcontext():
             result = train_step(run.model, run.loss_fn, run.optimizer, micro_batches, ddp_model=run.ddp_model,
                                 scaler=run.scaler, precision=run.precision, grad_clip=tcfg.grad_clip,
-                                check_finite=True, teacher=run.teacher)
+                                check_finite=True, teacher=run.teacher, stop_requested=stop.requested)
         if not result.finite:
             message = f"non-finite loss at step {progress.step + 1} (epoch {progress.epoch + 1}); parts: " + ", ".join(
                 f"{k}={v.item():.4g}" for k, v in result.parts.items())
@@ -448,7 +443,7 @@ def run_epoch(run: Run, progress: Progress, logger: MetricsLogger | None, stop: 
         throughput.add(run.global_batch)
         if result.finite and (progress.step % tcfg.log_every == 0 or progress.step == run.total_steps):
             log_step(run, progress, result, logger, bar, throughput)
-        if stop.on_any_rank(run.device):
+        if result.stop_requested:
             bar.close()
             save(run, progress, f"stop requested by {stop.signal_name or 'another rank'}")
             log.warning("stopped by %s at step %d; continue with trainer.resume=auto",

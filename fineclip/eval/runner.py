@@ -23,13 +23,11 @@ from fineclip.eval.metrics import box_accuracy, retrieval_recall
 from fineclip.eval.prompts import DEFAULT_TEMPLATES, cached_class_embeddings, template_prompts
 from fineclip.eval.protocols import (
     BOX_PROTOCOLS,
-    RETRIEVAL_PROTOCOLS,
     BoxProtocol,
     ProtocolError,
     RetrievalProtocol,
     box_protocol,
     evaluation_source,
-    protocol_name,
     retrieval_protocol,
     vild_prompts,
 )
@@ -199,8 +197,7 @@ def build_eval_set(
     if target.endswith("from_panoptic"):
         overrides["reference_boxes"] = box.reference_panoptic_boxes
     if target.endswith(("from_coco_captions", "from_karpathy")):
-        named = protocol_name(cfg) in RETRIEVAL_PROTOCOLS
-        overrides["max_captions"] = retrieval.max_captions if named else source.val.get("max_captions", 5)
+        overrides["max_captions"] = retrieval.max_captions
     dataset: RegionCaptionDataset = instantiate(source.val, **overrides)
     if dataset.missing and not cfg.eval.get("allow_missing", False):
         shown = "\n".join(f"  {p}" for p in dataset.missing[:20])
