@@ -1,6 +1,7 @@
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +14,7 @@ from fineclip.data import (
     collate_regions,
     load_region_annotations,
 )
-from fineclip.data.synthetic import SHAPES, generate
+from fineclip.data.synthetic import COLOURS, SHAPES, generate
 
 
 def test_synthetic_data_round_trips_through_pycocotools(synthetic_root):
@@ -39,6 +40,27 @@ def test_synthetic_data_round_trips_through_pycocotools(synthetic_root):
     for image_id, caps in by_image.items():
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
             assert coco.loadCats(ann["category_id"])[0]["name"] in caps[0]
+
+
+def test_synthetic_instance_masks_cover_each_object_visible_pixels(synthetic_root):
+    """The RLE masks decode (pycocotools) to disjoint masks whose pixels in the image are the
+    object's own paint: a colour of the palette, plus at most one texture shade; area and bbox
+    agree with the mask."""
+    coco = COCO(str(synthetic_root / "train.json"))
+    palette = {tuple(c) for c in COLOURS.values()}
+    assert len(SHAPES) >= 12
+    for image in coco.loadImgs(coco.getImgIds()):
+        pixels = np.asarray(Image.open(synthetic_root / image["file_name"]).convert("RGB"))
+        covered = np.zeros(pixels.shape[:2], dtype=int)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=image["id"])):
+            mask = coco.annToMask(ann).astype(bool)
+            covered += mask
+            assert mask.sum() == ann["area"] > 0
+            ys, xs = np.nonzero(mask)
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            colours = {tuple(c) for c in np.unique(pixels[mask].reshape(-1, 3), axis=0)}
+            assert len(colours) <= 2 and colours & palette, (image["file_name"], ann["id"], colours)
+        assert covered.max() == 1  # no pixel belongs to two objects
 
 
 def test_synthetic_generation_is_deterministic(tmp_path):

@@ -1,10 +1,10 @@
 """Synthetic scenes of coloured shapes, written in the fineclip annotation schema.
 
-Each image holds 2-4 objects (shape, colour, size, texture, position) on a background of varied
-colour and pattern. Every image gets several captions that describe the whole scene, every object
-a box, a category (its shape) and a region caption that says more than its class name, the way an
-LVLM caption of the crop would ("a large striped red circle"). Output is
-deterministic for a given seed:
+Each image holds 2-4 objects (one of 12 shapes, colour, size, texture, position) on a background
+of varied colour and pattern. Every image gets several captions that describe the whole scene,
+every object a box, a category (its shape), an instance mask of its visible pixels (COCO RLE) and
+a region caption that says more than its class name, the way an LVLM caption of the crop would
+("a large striped red star"). Output is deterministic for a given seed:
 
     python -m fineclip.data.synthetic --out DIR --train 1920 --val 256 --size 64 --seed 0
 
@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
-VERSION = 5  # bump when the output for a given seed changes
-SHAPES = ("circle", "square", "triangle", "cross")
+VERSION = 6  # bump when the output for a given seed changes
+SHAPES = (
+    "circle", "square", "triangle", "cross", "star", "diamond",
+    "hexagon", "ring", "heart", "crescent", "arrow", "pentagon",
+)
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -108,21 +114,51 @@ def _draw_background(rng: random.Random, size: int, colour: tuple[int, int, int]
     return image
 
 
+def _regular_polygon(cx: float, cy: float, radius: float, corners: int, turn: float = 0.0) -> list[tuple]:
+    """Corners of a regular polygon, the first one straight up (rotated by ``turn`` radians)."""
+    return [(cx + radius * math.sin(turn + 2 * math.pi * k / corners),
+             cy - radius * math.cos(turn + 2 * math.pi * k / corners)) for k in range(corners)]
+
+
 def _shape_mask(shape: str, box, size: int) -> Image.Image:
     """A binary mask (mode "L") of ``shape`` filling ``box``."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     x1, y1, x2, y2 = box
+    x2, y2 = x2 - 1, y2 - 1  # PIL's rectangles and ellipses include their far edge
+    w, h = x2 - x1, y2 - y1
+    cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, min(w, h) / 2
     if shape == "circle":
-        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=255)
+        draw.ellipse([x1, y1, x2, y2], fill=255)
     elif shape == "square":
-        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=255)
+        draw.rectangle([x1, y1, x2, y2], fill=255)
     elif shape == "triangle":
-        draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=255)
+        draw.polygon([(cx, y1), (x2, y2), (x1, y2)], fill=255)
     elif shape == "cross":
-        w, h = x2 - x1, y2 - y1
-        draw.rectangle([x1 + w / 3, y1, x1 + 2 * w / 3 - 1, y2 - 1], fill=255)
-        draw.rectangle([x1, y1 + h / 3, x2 - 1, y1 + 2 * h / 3 - 1], fill=255)
+        draw.rectangle([x1 + w / 3, y1, x1 + 2 * w / 3, y2], fill=255)
+        draw.rectangle([x1, y1 + h / 3, x2, y1 + 2 * h / 3], fill=255)
+    elif shape == "star":
+        outer, inner = _regular_polygon(cx, cy, r, 5), _regular_polygon(cx, cy, 0.45 * r, 5, math.pi / 5)
+        draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=255)
+    elif shape == "diamond":
+        draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=255)
+    elif shape == "hexagon":
+        draw.polygon(_regular_polygon(cx, cy, r, 6, math.pi / 6), fill=255)
+    elif shape == "pentagon":
+        draw.polygon(_regular_polygon(cx, cy, r, 5), fill=255)
+    elif shape == "ring":
+        draw.ellipse([x1, y1, x2, y2], fill=255)
+        draw.ellipse([x1 + 0.3 * w, y1 + 0.3 * h, x2 - 0.3 * w, y2 - 0.3 * h], fill=0)
+    elif shape == "heart":
+        draw.ellipse([x1, y1, cx + 0.02 * w, y1 + 0.55 * h], fill=255)
+        draw.ellipse([cx - 0.02 * w, y1, x2, y1 + 0.55 * h], fill=255)
+        draw.polygon([(x1 + 0.02 * w, y1 + 0.38 * h), (x2 - 0.02 * w, y1 + 0.38 * h), (cx, y2)], fill=255)
+    elif shape == "crescent":
+        draw.ellipse([x1, y1, x2, y2], fill=255)
+        draw.ellipse([x1 + 0.35 * w, y1 - 0.05 * h, x2 + 0.35 * w, y2 - 0.05 * h], fill=0)
+    elif shape == "arrow":  # pointing right
+        draw.rectangle([x1, y1 + 0.35 * h, x1 + 0.55 * w, y1 + 0.65 * h], fill=255)
+        draw.polygon([(x1 + 0.5 * w, y1), (x2, cy), (x1 + 0.5 * w, y2)], fill=255)
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return mask
@@ -189,15 +225,25 @@ def _scene_captions(rng: random.Random, objects: list[SceneObject], background: 
 
 
 def render_scene(rng: random.Random, size: int):
-    """Draw one scene; returns the image, its captions and its objects."""
+    """Draw one scene; returns the image, its captions, its objects and each object's visible mask
+    (bool (size, size) arrays: its own pixels minus those of objects drawn over it)."""
     background = rng.choice(list(BACKGROUNDS))
     pattern = rng.choice(BACKGROUND_PATTERNS)
     image = _draw_background(rng, size, BACKGROUNDS[background], pattern)
     objects = _place_objects(rng, size, rng.randint(2, 4))
+    masks = []
     for obj in objects:
         mask = _shape_mask(obj.shape, obj.box, size)
         image.paste(_texture_layer(obj.texture, COLOURS[obj.colour], obj.box, size), (0, 0), mask)
-    return image, _scene_captions(rng, objects, background, size), objects, background
+        drawn = np.asarray(mask) > 0
+        masks = [m & ~drawn for m in masks] + [drawn]
+    return image, _scene_captions(rng, objects, background, size), objects, background, masks
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """A bool (H, W) mask as COCO's compressed RLE, json-ready ({"size": [H, W], "counts": str})."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def write_split(out: Path, split: str, count: int, size: int, seed: int) -> Path:
@@ -208,21 +254,25 @@ def write_split(out: Path, split: str, count: int, size: int, seed: int) -> Path
     cat_id = {c["name"]: c["id"] for c in categories}
     images, annotations, captions = [], [], []
     for image_id in range(1, count + 1):
-        image, scene_captions, objects, background = render_scene(rng, size)
+        image, scene_captions, objects, background, masks = render_scene(rng, size)
         file_name = f"{split}/{image_id:06d}.png"
         image.save(out / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for text in scene_captions:
             captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": text})
-        for obj in objects:
-            x1, y1, x2, y2 = obj.box
+        for obj, mask in zip(objects, masks, strict=True):
+            if not mask.any():  # hidden by the objects drawn over it
+                continue
+            rle = encode_mask(mask)
+            x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))  # the visible pixels, as COCO's boxes
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": cat_id[obj.shape],
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": float((x2 - x1) * (y2 - y1)),
+                    "bbox": [x, y, w, h],
+                    "area": float(mask.sum()),
+                    "segmentation": rle,
                     "iscrowd": 0,
                     "caption": obj.region_caption(rng),
                 }
