@@ -75,6 +75,23 @@ def check_fields(path: Path, kind: str, record: dict, fields: tuple[str, ...]) -
         raise AnnotationError(f"{path}: {kind} id={rid} lacks field(s) {missing}")
 
 
+def clean_box(bbox, width: float, height: float, min_box_area: float, stats: Counter) -> tuple | None:
+    """A COCO ``[x, y, w, h]`` box as (x1, y1, x2, y2) clipped to the image, or None when it is empty
+    (``empty_box``), or under ``min_box_area`` px² after clipping (``small_box``); clipping is
+    counted as ``clipped_box``. A non-numeric bbox raises TypeError/ValueError."""
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        stats["empty_box"] += 1
+        return None
+    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+    if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        stats["clipped_box"] += 1
+    if x2 <= x1 or y2 <= y1 or (x2 - x1) * (y2 - y1) < min_box_area:
+        stats["small_box"] += 1
+        return None
+    return x1, y1, x2, y2
+
+
 def load_region_annotations(
     ann_file: str | Path,
     image_root: str | Path | None = None,
@@ -147,24 +164,17 @@ def load_region_annotations(
                 stats["crowd_box"] += 1
                 continue
             try:
-                x, y, w, h = (float(v) for v in ann["bbox"])
+                box = clean_box(ann["bbox"], W, H, min_box_area, stats)
             except (TypeError, ValueError) as err:
                 bad = f"{path}: annotation id={ann['id']} has a malformed bbox {ann['bbox']!r}"
                 raise AnnotationError(bad) from err
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-                stats["empty_box"] += 1
-                continue
-            x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
-            if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-                stats["clipped_box"] += 1
-            if x2 <= x1 or y2 <= y1 or (x2 - x1) * (y2 - y1) < min_box_area:
-                stats["small_box"] += 1
+            if box is None:
                 continue
             text = str(ann.get("caption", "")).strip()
             if require_region_captions and not text:
                 stats["empty_region_caption"] += 1
                 continue
-            boxes.append((x1, y1, x2, y2))
+            boxes.append(box)
             region_captions.append(text)
             cat_ids.append(ann["category_id"])
         if not boxes:

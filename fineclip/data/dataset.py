@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from fineclip.data.annotations import RegionAnnotations, load_region_annotations
+from fineclip.data.proposals import with_proposals
 
 
 class ImageLoadError(RuntimeError):
@@ -151,11 +152,17 @@ class RegionCaptionDataset(Dataset):
         min_box_area: float = 64.0,
         seed: int = 0,
         require_captions: bool = True,
+        proposals: dict | None = None,
     ) -> RegionCaptionDataset:
+        """``proposals`` = {file, min_score, max_per_image}: the regions are the proposals of a
+        COCO-format file instead of the file's own boxes (``fineclip/data/proposals.py``)."""
         annotations = load_region_annotations(
             ann_file, image_root, min_box_area=min_box_area, require_captions=require_captions,
-            require_region_captions=train,
+            require_region_captions=train and not proposals,
         )
+        if proposals:
+            annotations = with_proposals(annotations, proposals["file"], proposals.get("min_score", 0.0),
+                                         proposals.get("max_per_image", 100), min_box_area)
         return cls(annotations, image_size, train=train, max_regions=max_regions, seed=seed)
 
     @classmethod

@@ -139,7 +139,7 @@ def _shape_mask(shape: str, box, size: int) -> Image.Image:
         draw.rectangle([x1, y1 + h / 3, x2, y1 + 2 * h / 3], fill=255)
     elif shape == "star":
         outer, inner = _regular_polygon(cx, cy, r, 5), _regular_polygon(cx, cy, 0.45 * r, 5, math.pi / 5)
-        draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=255)
+        draw.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=255)
     elif shape == "diamond":
         draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=255)
     elif shape == "hexagon":

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fineclip.cli import ConfigError
 from fineclip.data import RegionCaptionDataset, collate_regions
 from fineclip.data.random_batch import random_batch
 from fineclip.data.sampler import GlobalBatchSampler
@@ -123,6 +124,39 @@ def freeze_unused_parameters(
     return unused
 
 
+def proposal_arguments(cfg: DictConfig) -> dict:
+    """With ``regions=proposals``, the training set's regions come from ``regions.file``."""
+    regions = cfg.get("regions") or {}
+    if regions.get("source") != "proposals":
+        return {}
+    file = OmegaConf.select(cfg, "regions.file", default=None, throw_on_missing=False)
+    if file in (None, "", "???"):
+        raise ConfigError("regions=proposals needs regions.file=<COCO-format proposals json>")
+    return {"proposals": {"file": file, "min_score": regions.min_score, "max_per_image": regions.max_per_image}}
+
+
+def check_region_captions(cfg: DictConfig, region_source, loss_fn: CompositeLoss) -> None:
+    """Grid cells and proposals have no captions: a loss term that reads region captions cannot train on them."""
+    captionless = (region_source is not None and not getattr(region_source, "has_captions", True)) or (
+        (cfg.get("regions") or {}).get("source") == "proposals")
+    if captionless and "region_text_emb" in loss_fn.required_features:
+        raise ConfigError(f"regions={cfg.regions.get('source', 'grid')} gives regions without captions, but the loss "
+                          f"({cfg.loss._target_}) reads region captions: use a loss without L_RC (e.g. loss=sd, "
+                          "method=clipself or method=regionclip) or regions=boxes")
+
+
+@torch.no_grad()
+def encode_texts_in_chunks(model: FineCLIPModel, texts: list[str], chunk: int = 1024) -> torch.Tensor:
+    """Normalised embeddings of many texts (a noun pool × templates), ``chunk`` at a time, without
+    filling the caption cache."""
+    was_training = model.training
+    model.eval()
+    tokens = [model.tokenizer(texts[i : i + chunk]).to(model.pixel_mean.device) for i in range(0, len(texts), chunk)]
+    emb = torch.cat([torch.nn.functional.normalize(model.clip.encode_text(t), dim=-1) for t in tokens])
+    model.train(was_training)
+    return emb
+
+
 def summarize_names(names: list[str]) -> str:
     """'clip.logit_scale, clip.transformer (24 tensors)': parameter names grouped by module."""
     groups = Counter(".".join(n.split(".")[:2]) for n in names)
@@ -170,13 +204,17 @@ def build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
     teacher: Teacher = instantiate(cfg.teacher) if cfg.get("teacher") else SelfTeacher()
     teacher.setup(model)  # a copy of the initial model, for the teachers that keep one
     region_source = instantiate(cfg.regions) if cfg.get("regions") and cfg.regions.get("_target_") else None
+    train_set: RegionCaptionDataset = instantiate(cfg.data.train, image_size=model.image_size[0],
+                                                  **proposal_arguments(cfg))
+    check_region_captions(cfg, region_source, loss_fn)
+    # text pools a loss embeds once with the initial text tower (RegionCLIP's concepts)
+    loss_fn.prepare(lambda texts: encode_texts_in_chunks(model, texts), list(train_set.categories.values()))
     frozen = freeze_unused_parameters(model, loss_fn, precision, teacher)
     if frozen and dist.is_main:
         log.info("not trained by the enabled loss terms, so frozen: %s", summarize_names(frozen))
     if tcfg.compile:
         compile_blocks(model)
 
-    train_set: RegionCaptionDataset = instantiate(cfg.data.train, image_size=model.image_size[0])
     val_set = None
     if dist.is_main:
         patch = model.tower.patch_size[0]

@@ -1,14 +1,19 @@
 """Losses: each term is a small module over a dict of features, with its formula in the docstring."""
 
-from fineclip.losses.composite import CompositeLoss, FineCLIPLoss
+from fineclip.losses.composite import CompositeLoss, FineCLIPLoss, RegionCLIPLoss
+from fineclip.losses.concepts import ConceptDistillation, ConceptSigmoid, sample_concepts
 from fineclip.losses.contrastive import GlobalContrastive, RegionalContrastive, infonce_row_sum
 from fineclip.losses.distillation import SelfDistillation
 
 __all__ = [
     "CompositeLoss",
+    "ConceptDistillation",
+    "ConceptSigmoid",
     "FineCLIPLoss",
     "GlobalContrastive",
+    "RegionCLIPLoss",
     "RegionalContrastive",
     "SelfDistillation",
     "infonce_row_sum",
+    "sample_concepts",
 ]

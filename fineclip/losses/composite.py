@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fineclip.losses.concepts import ConceptDistillation, ConceptSigmoid
 from fineclip.losses.contrastive import GlobalContrastive, RegionalContrastive
 from fineclip.losses.distillation import SelfDistillation
 
@@ -26,6 +27,13 @@ class CompositeLoss(nn.Module):
             raise ValueError("every loss weight is 0: nothing to train")
         self.terms = nn.ModuleDict(enabled)
         self.weights = {name: float(weights[name]) for name in enabled}
+
+    def prepare(self, encode_text, class_names) -> None:
+        """Give the terms that embed a text pool once (RegionCLIP's concepts) the text encoder and
+        the training set's class names; called once before the first step."""
+        for term in self.terms.values():
+            if hasattr(term, "prepare"):
+                term.prepare(encode_text, class_names)
 
     @property
     def required_features(self) -> frozenset[str]:
@@ -62,4 +70,38 @@ class FineCLIPLoss(CompositeLoss):
                 "crop": RegionalContrastive(region_key="crop_emb"),
             },
             weights={"gc": gc_weight, "sd": sd_weight, "rc": rc_weight, "crop": crop_weight},
+        )
+
+
+class RegionCLIPLoss(CompositeLoss):
+    """L = w_gc·L_GC + w_distill·L_concept, where L_concept is ``objective``:
+
+    - "kl": RegionCLIP's KL(teacher ‖ student) over the whole concept pool at τ (``ConceptDistillation``);
+    - "sigmoid": the BCE over at most ``num_concepts`` sampled concepts against the teacher's
+      top-1 pseudo-label (``ConceptSigmoid``), as the CLIPSelf code re-implements RegionCLIP.
+
+    ``concepts``: None for the training set's class names, or a text file of nouns; ``templates``
+    the prompts each concept is embedded with (averaged).
+    """
+
+    def __init__(
+        self,
+        objective: str = "kl",
+        gc_weight: float = 1.0,
+        distill_weight: float = 1.0,
+        concepts: str | None = None,
+        templates: list[str] | None = None,
+        temperature: float = 0.01,
+        num_concepts: int = 100,
+        seed: int = 0,
+    ) -> None:
+        if objective == "kl":
+            concept_term = ConceptDistillation(concepts, templates, temperature)
+        elif objective == "sigmoid":
+            concept_term = ConceptSigmoid(concepts, templates, num_concepts, seed)
+        else:
+            raise ValueError(f"loss.objective={objective!r}: use kl or sigmoid")
+        super().__init__(
+            terms={"gc": GlobalContrastive(), "concept": concept_term},
+            weights={"gc": gc_weight, "concept": distill_weight},
         )

@@ -1,5 +1,6 @@
 """Region sources: which boxes the region losses see. The data set's own boxes need nothing
-here; ``GridRegions`` replaces them with CLIPSelf's random grid layouts."""
+here; ``GridRegions`` replaces them with CLIPSelf's random grid layouts; a proposals file
+(``regions=proposals``) is read by the data set (``fineclip/data/proposals.py``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class GridRegions:
     kept at random. The draw depends only on (seed, epoch, image id): the same on any number of
     ranks and after a resume. Cells have no captions (region losses that need text cannot use them).
     """
+
+    has_captions = False
 
     def __init__(self, max_split: int = 6, max_cells: int = 20, seed: int = 0) -> None:
         self.layouts = grid_layouts(max_split)
