@@ -10,7 +10,7 @@ sweep_dir="runs/table1_synthetic/$(date +%Y-%m-%d_%H-%M-%S)"
 data_root=$(python -m fineclip.train +experiment=synthetic_pretrain --cfg job --package data.root --resolve | tail -1)
 pretrained="$data_root/pretrained_tiny"
 
-if [[ -f "$pretrained/eval.json" ]]; then
+if [[ -f "$pretrained/eval.json" && "$pretrained/eval.json" -nt "$data_root/DONE" ]]; then
     echo "pre-trained model: $pretrained (already trained)"
 else
     python -m fineclip.train +experiment=synthetic_pretrain trainer.progress=false

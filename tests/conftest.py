@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# nothing in the tests may reach a model hub: a lookup that would download fails at once
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from fineclip.data.synthetic import generate
 from fineclip.models import create_model
@@ -21,3 +27,24 @@ def tiny_model():
 def frozen_text_model():
     torch.manual_seed(0)
     return create_model("fineclip-tiny", freeze_text=True).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A local Hugging Face folder: a 2-layer BERT of width 32 and a vocabulary of the synthetic
+    captions' words, written here (no hub)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from fineclip.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTURES
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "on", "and", "background", "shapes",
+             "shape", "photo", "of", ",", ":", ".", "two", "three", "four", "top", "bottom", "left", "right", "centre",
+             *SHAPES, *COLOURS, *BACKGROUNDS, *TEXTURES, *SIZES]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(words)) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(dict.fromkeys(words)), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder

@@ -181,7 +181,7 @@ def test_evaluation_during_training_uses_the_configured_benchmark(tmp_path):
 
     prepare_synthetic(cfg.data)
     metrics = train(cfg, tmp_path / "run")
-    assert cfg.eval.benchmark.root.endswith("synthetic-s7-n4-64px")
+    assert cfg.eval.benchmark.root.endswith("synthetic-v2-s7-n4-64px")
     benchmark = build_eval_set(cfg, image_size=64)
     assert len(benchmark) == 12
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -11,6 +11,7 @@ import open_clip
 import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.timm_model import TimmModel
+from open_clip.tokenizer import HFTokenizer
 
 from fineclip.models.fineclip_model import FineCLIPModel
 
@@ -86,6 +87,24 @@ def load_model_weights(model: FineCLIPModel, state: dict, source: str | Path) ->
     model.text_cache.clear()
 
 
+def hf_text_config(name: str, folder: str, pooler: str, proj: str) -> dict:
+    """open_clip keyword overrides that give model ``name`` the Hugging Face text tower in the
+    local ``folder``: its weights when the folder has them, else random weights of its config."""
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"hf_text_tower={folder}: no Hugging Face config.json there")
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path)
+    has_weights = any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+    if not has_weights:
+        log.warning("%s holds no weights: the text tower starts from random weights", folder)
+    context = min(77, getattr(hf_config, "max_position_embeddings", 77))
+    text_cfg = {"hf_model_name": str(path), "hf_tokenizer_name": str(path), "hf_model_pretrained": has_weights,
+                "hf_pooler_type": pooler, "hf_proj_type": proj, "context_length": context}
+    return {"text_cfg": text_cfg, "force_custom_text": True}
+
+
 @contextlib.contextmanager
 def _quiet_root_logger(level: int = logging.ERROR):
     root = logging.getLogger()
@@ -106,9 +125,17 @@ def create_model(
     crop_chunk: int = 0,
     text_cache_dtype: str = "auto",
     init_logit_scale: float = math.log(100),
+    hf_text_tower: str | None = None,
+    hf_pooler: str = "mean_pooler",
+    hf_proj: str = "linear",
 ) -> FineCLIPModel:
     """Build ``name`` (any open_clip model with a ViT image tower) with random weights, load a
     local ``checkpoint`` if given, and wrap it. Never downloads anything.
+
+    ``hf_text_tower``: a local Hugging Face model folder (``config.json``, tokenizer files and,
+    for pretrained weights, ``model.safetensors``) that replaces the text tower: open_clip's
+    ``hf_model_name`` text config (e.g. a BERT), pooled by ``hf_pooler`` (mean_pooler, cls_pooler,
+    ...) and projected (``hf_proj``: linear or mlp) to the embedding width.
 
     The logit scale θ starts at ``init_logit_scale`` (ln 100) unless the checkpoint brings one.
     ``text_cache_dtype`` is the dtype of the host table of a frozen text tower's caption
@@ -119,8 +146,9 @@ def create_model(
         raise ValueError(f"text_cache_dtype={text_cache_dtype!r}: use auto, float16, bfloat16 or float32")
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+    overrides = hf_text_config(name, hf_text_tower, hf_pooler, hf_proj) if hf_text_tower else {}
     with _quiet_root_logger():  # open_clip reports every creation step on the root logger
-        clip = open_clip.create_model(name, pretrained=None, force_image_size=image_size)
+        clip = open_clip.create_model(name, pretrained=None, force_image_size=image_size, **overrides)
     visual = clip.visual
     if isinstance(visual, TimmModel) and tuple(visual.trunk.patch_embed.img_size) != tuple(visual.image_size):
         visual.set_input_size(visual.image_size)  # open_clip builds timm trunks at their default size
@@ -131,7 +159,10 @@ def create_model(
         log.info("loaded %s weights from %s", name, checkpoint)
     cfg = clip.visual.preprocess_cfg if hasattr(clip.visual, "preprocess_cfg") else {}
     with _quiet_root_logger():
-        tokenizer = open_clip.get_tokenizer(name)
+        if hf_text_tower:
+            tokenizer = HFTokenizer(hf_text_tower, context_length=overrides["text_cfg"]["context_length"])
+        else:
+            tokenizer = open_clip.get_tokenizer(name)
     return FineCLIPModel(
         clip,
         tokenizer,
