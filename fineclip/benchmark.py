@@ -1,6 +1,7 @@
 """Speed and memory of the full FineCLIP training step, on random weights and random data.
 
-    python -m fineclip.benchmark model=eva02_b16 batch_size=32 regions_per_image=8 [trainer.compile=true]
+    python -m fineclip.benchmark model=eva02_b16 batch_size=32 regions_per_image=8 [method=clipself]
+        [trainer.compile=true]
 
 Reports images/s and regions/s of the whole step (forward of every enabled loss term, backward,
 optimizer; no host-device synchronisation inside the timed loop), the split of a step's time
@@ -31,8 +32,9 @@ from fineclip.data import RegionCaptionDataset, collate_regions
 from fineclip.data.random_batch import random_batch
 from fineclip.engine.distributed import resolve_device
 from fineclip.engine.step import resolve_precision, train_step
-from fineclip.engine.trainer import compile_blocks, freeze_unused_parameters
+from fineclip.engine.trainer import compile_blocks, encode_texts_in_chunks, freeze_unused_parameters
 from fineclip.losses import CompositeLoss
+from fineclip.methods.teachers import Teacher
 from fineclip.models import FineCLIPModel
 from fineclip.timing import timed_sections
 
@@ -55,14 +57,21 @@ def sync(device: torch.device) -> None:
 
 
 class Step:
-    """The trainer's ``train_step`` on one batch (no NaN check: no host-device synchronisation)."""
+    """The trainer's ``train_step`` on one batch (no NaN check: no host-device synchronisation),
+    with the method's teacher and region source."""
 
-    def __init__(self, model: FineCLIPModel, loss_fn: CompositeLoss, optimizer, device, precision: str):
+    def __init__(self, model: FineCLIPModel, loss_fn: CompositeLoss, optimizer, device, precision: str,
+                 teacher: Teacher | None = None, region_source=None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.device, self.precision = device, precision
+        self.teacher, self.region_source = teacher, region_source
 
     def __call__(self, batch: dict) -> torch.Tensor:
-        return train_step(self.model, self.loss_fn, self.optimizer, [batch], precision=self.precision).loss
+        if self.region_source is not None:
+            batch = self.region_source(batch, epoch=0)
+        return train_step(self.model, self.loss_fn, self.optimizer, [batch], precision=self.precision,
+                          teacher=self.teacher).loss
+
 
     def timed(self, batch: dict) -> dict[str, float]:
         """The same step, synchronising around each of its named sections: seconds per section."""
@@ -71,12 +80,22 @@ class Step:
         return dict(times)
 
 
+def build_method(cfg: DictConfig, device, precision: str) -> tuple[FineCLIPModel, CompositeLoss, Teacher, object]:
+    """Model (random weights), loss, teacher and region source of ``method=``, set up as the trainer
+    does; a RegionCLIP concept pool of ``concept_pool`` made-up names."""
+    model: FineCLIPModel = instantiate(cfg.model, checkpoint=None).to(device).train()
+    loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
+    teacher: Teacher = instantiate(cfg.teacher)
+    teacher.setup(model)
+    region_source = instantiate(cfg.regions) if cfg.regions.get("_target_") else None
+    loss_fn.prepare(lambda texts: encode_texts_in_chunks(model, texts), [f"class {i}" for i in range(cfg.concept_pool)])
+    return model, loss_fn, teacher, region_source
+
 def model_flops(cfg: DictConfig, batch: dict, device, precision: str) -> float:
     """Model FLOPs of one step (forward + backward, no recomputation), counted by FlopCounterMode
     on a fresh eager copy (no compile, no checkpointing) after one step has filled its text cache."""
-    model = instantiate(cfg.model, checkpoint=None).to(device).train()
-    loss_fn = instantiate(cfg.loss).to(device)
-    step = Step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0), device, precision)
+    model, loss_fn, teacher, regions = build_method(cfg, device, precision)
+    step = Step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0), device, precision, teacher, regions)
     step(batch)
     with FlopCounterMode(display=False) as counter:
         step(batch)
@@ -126,18 +145,16 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(0)
     if cfg.model.get("checkpoint"):
         log.info("benchmark uses random weights: model.checkpoint is ignored")
-    model: FineCLIPModel = instantiate(cfg.model, checkpoint=None).to(device)
+    model, loss_fn, teacher, region_source = build_method(cfg, device, precision)
     if cfg.trainer.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
-    model.train()
-    loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
-    freeze_unused_parameters(model, loss_fn, precision)  # as the trainer does, before compiling
+    freeze_unused_parameters(model, loss_fn, precision, teacher)  # as the trainer does, before compiling
     if cfg.trainer.compile:
         compile_blocks(model)
     optimizer = instantiate(cfg.optim.optimizer, model=model)
     size = model.image_size[0]
     B, R = cfg.batch_size, cfg.regions_per_image
-    step = Step(model, loss_fn, optimizer, device, precision)
+    step = Step(model, loss_fn, optimizer, device, precision, teacher, region_source)
     batches = [random_batch(B, R, size, i, device) for i in range(4)]
 
     for i in range(cfg.warmup_steps):
@@ -159,6 +176,8 @@ def run(cfg: DictConfig) -> dict:
     flops = model_flops(cfg, batches[0], device, precision)
     peak = device_peak_flops(device)
     result = {
+        "method": method_name(cfg), "teacher": type(teacher).__name__,
+        "regions": type(region_source).__name__ if region_source is not None else "random boxes",
         "model": cfg.model.name, "image_size": size, "batch_size": B, "regions_per_image": R,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision, "compile": bool(cfg.trainer.compile),
@@ -176,6 +195,16 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
+def method_name(cfg: DictConfig) -> str:
+    """The method= choice, from Hydra's record of the composed defaults."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("method", "fineclip")
+    except ValueError:  # composed outside a Hydra run (tests): no record of the choices
+        return "-"
+
+
 def format_result(r: dict) -> str:
     flags = [r["precision"]] + [k for k in ("compile", "grad_checkpointing") if r[k]]
     if r["detach_teacher"]:
@@ -183,6 +212,7 @@ def format_result(r: dict) -> str:
     if r["crop_chunk"]:
         flags.append(f"crop_chunk={r['crop_chunk']}")
     lines = [
+        f"method={r['method']} (teacher {r['teacher']}, regions {r['regions']}): "
         f"{r['model']} @ {r['image_size']} px, batch {r['batch_size']} x {r['regions_per_image']} regions, "
         f"{r['device']}, {', '.join(flags)}, losses {r['losses']}",
         "| images/s | regions/s | step (ms) | peak memory (GB) | TFLOP/step | TFLOP/s | MFU |",

@@ -4,7 +4,7 @@
 
 Each argument is a run directory (holds ``config.yaml``) or a multirun directory (its
 sub-folders are runs, taken in job order). A row: the run's label (the overrides that set it
-apart from the other jobs of its sweep, or its ``name``), its loss weights, box top-1/top-5,
+apart from the other jobs of its sweep, or its ``name``), its loss terms, teacher and regions, box top-1/top-5,
 I2T/T2I R@1, the mean time per epoch and the peak memory (GPU: allocated; CPU: process RSS).
 A run without ``eval.json`` (failed or unfinished) keeps its row, with empty metrics.
 """
@@ -42,6 +42,28 @@ class RunResult:
     loss_weights: str
     values: dict[str, float] = field(default_factory=dict)
     label: str = ""
+    roles: str = ""
+
+
+def loss_terms(loss: dict) -> str:
+    """The enabled terms of a loss config: "gc + sd + rc", "0.5·sd", "gc + distill (kl)"."""
+    order = ("gc", "sd", "rc", "crop", "distill")  # the paper's order; others after, by name
+    terms = sorted(((k.removesuffix("_weight"), v) for k, v in loss.items() if k.endswith("_weight") and v),
+                   key=lambda t: (order.index(t[0]) if t[0] in order else len(order), t[0]))
+    text = " + ".join(name if weight == 1 else f"{weight:g}·{name}" for name, weight in terms)
+    return f"{text} ({loss['objective']})" if loss.get("objective") else text
+
+
+def roles(config: dict) -> str:
+    """"teacher / regions" of a run: "self / boxes", "frozen / grid", "" for configs without roles."""
+    teacher = (config.get("teacher") or {}).get("_target_", "")
+    regions = config.get("regions") or {}
+    if not teacher:
+        return ""
+    teacher = teacher.rsplit(".", 1)[-1].removesuffix("Teacher").lower()
+    target = regions.get("_target_", "boxes").rsplit(".", 1)[-1]
+    source = regions.get("source") or target.removesuffix("Regions").lower()
+    return f"{teacher} / {source}"
 
 
 def _job_number(path: Path) -> tuple[int, str]:
@@ -64,11 +86,8 @@ def read_run(run_dir: Path) -> RunResult:
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
-    loss = config.get("loss", {})
-    weights = "/".join(f"{loss.get(k, 0):g}" for k in ("gc_weight", "sd_weight", "rc_weight")) if loss else ""
-    if loss.get("crop_weight"):
-        weights += f" + {loss['crop_weight']:g}·crop"
-    result = RunResult(run_dir, config.get("name", run_dir.name), list(overrides), weights)
+    result = RunResult(run_dir, config.get("name", run_dir.name), list(overrides), loss_terms(config.get("loss", {})),
+                       roles=roles(config))
     if (run_dir / "eval.json").is_file():
         result.values.update(json.loads((run_dir / "eval.json").read_text()))
     epoch_times, peaks = [], []
@@ -106,12 +125,15 @@ def protocols(r: RunResult) -> str:
 def markdown_table(rows: list[RunResult]) -> str:
     columns = [c for c in COLUMNS if any(c[0] in r.values for r in rows)]
     with_protocols = any(protocols(r) for r in rows)
-    header = ["#", "run", "GC/SD/RC weights", *(c[1] for c in columns)] + (["protocols"] if with_protocols else [])
+    with_roles = any(r.roles for r in rows)
+    header = ["#", "run", "loss terms", *(["teacher / regions"] if with_roles else []), *(c[1] for c in columns)]
+    header += ["protocols"] if with_protocols else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows, 1):
         cells = [fmt.format(r.values[key]) if key in r.values else "—" for key, _, fmt in columns]
         cells += [protocols(r) or "—"] if with_protocols else []
-        lines.append("| " + " | ".join([str(i), r.label, r.loss_weights, *cells]) + " |")
+        lead = [str(i), r.label, r.loss_weights, *([r.roles or "—"] if with_roles else [])]
+        lines.append("| " + " | ".join([*lead, *cells]) + " |")
     missing = [r for r in rows if "box/top1" not in r.values and "retrieval/i2t_r1" not in r.values]
     if missing:
         lines.append("")
@@ -124,9 +146,10 @@ def write_csv(rows: list[RunResult], path: str | Path) -> None:
     keys = [c[0] for c in COLUMNS]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "path", "gc/sd/rc weights", *keys, "protocols"])
+        writer.writerow(["run", "path", "loss terms", "teacher / regions", *keys, "protocols"])
         for r in rows:
-            writer.writerow([r.label, str(r.path), r.loss_weights, *(r.values.get(k, "") for k in keys), protocols(r)])
+            writer.writerow([r.label, str(r.path), r.loss_weights, r.roles, *(r.values.get(k, "") for k in keys),
+                             protocols(r)])
 
 
 def main(argv: list[str] | None = None) -> None:

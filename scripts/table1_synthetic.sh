@@ -7,14 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sweep_dir="runs/table1_synthetic/$(date +%Y-%m-%d_%H-%M-%S)"
-data_root=$(python -m fineclip.train +experiment=synthetic_pretrain --cfg job --package data.root --resolve | tail -1)
-pretrained="$data_root/pretrained_tiny"
-
-if [[ -f "$pretrained/eval.json" && "$pretrained/eval.json" -nt "$data_root/DONE" ]]; then
-    echo "pre-trained model: $pretrained (already trained)"
-else
-    python -m fineclip.train +experiment=synthetic_pretrain trainer.progress=false
-fi
+pretrained=$(bash scripts/pretrain_synthetic.sh | tail -1)
 python -m fineclip.train -m +experiment=synthetic_table1 trainer.progress=false hydra.sweep.dir="$sweep_dir" "$@"
 echo
 python -m fineclip.results "$pretrained" "$sweep_dir" --csv "$sweep_dir/results.csv"

@@ -36,16 +36,30 @@ def test_rows_follow_job_order_with_labels_averages_and_failures(tmp_path, capsy
     rows = collect([single, sweep])
     assert [r.label for r in rows] == ["table", "loss=clip", "loss=sd", "loss=fineclip"]  # job 2 < 3 < 10
     assert rows[3].values["epoch_time_s"] == 12.0 and rows[3].values["peak_memory_gb"] == 1.5
-    assert rows[3].loss_weights == "1/1/1" and "box/top1" not in rows[2].values
+    assert rows[3].loss_weights == "gc + sd + rc" and rows[1].loss_weights == "gc" and "box/top1" not in rows[2].values
 
     out = tmp_path / "results.csv"
     main([str(single), str(sweep), "--csv", str(out)])
     table = capsys.readouterr().out
-    assert "| 4 | loss=fineclip | 1/1/1 | 45.9 | 99.0 | 80.0 | 70.2 | 12 | 1.50 | box_fc, retrieval_fc |" in table
-    assert "| 2 | loss=clip | 1/0/0 | 25.0 | — | — | — | 4 | 0.50 | — |" in table
+    row = "| 4 | loss=fineclip | gc + sd + rc | 45.9 | 99.0 | 80.0 | 70.2 | 12 | 1.50 | box_fc, retrieval_fc |"
+    assert row in table
+    assert "| 2 | loss=clip | gc | 25.0 | — | — | — | 4 | 0.50 | — |" in table
     assert "1 run(s) without eval.json" in table and "3_loss=sd" in table
     with open(out, newline="") as f:
         records = list(csv.DictReader(f))
     assert [r["run"] for r in records] == ["table", "loss=clip", "loss=sd", "loss=fineclip"]
     assert float(records[3]["retrieval/t2i_r1"]) == 70.25 and records[2]["box/top1"] == ""
     assert records[3]["protocols"] == "box_fc, retrieval_fc"
+
+
+def test_rows_name_loss_terms_teacher_and_regions():
+    from fineclip.results import loss_terms, roles
+
+    weights = {"gc_weight": 1.0, "sd_weight": 0.5, "rc_weight": 0.0, "crop_weight": 1.0}
+    assert loss_terms(weights) == "gc + 0.5·sd + crop"
+    assert loss_terms({"objective": "sigmoid", "gc_weight": 0.0, "distill_weight": 1.0}) == "distill (sigmoid)"
+    assert roles({"teacher": {"_target_": "fineclip.methods.FrozenTeacher"},
+                  "regions": {"_target_": "fineclip.methods.GridRegions"}}) == "frozen / grid"
+    assert roles({"teacher": {"_target_": "fineclip.methods.EMATeacher"}, "regions": {"source": "proposals"}}) == \
+        "ema / proposals"
+    assert roles({}) == ""

@@ -108,3 +108,25 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     visual = sum(p.numel() for p in create_model("fineclip-tiny").clip.visual.parameters())
     estimate = 6 * visual * 65 * (4 + 8) / 1e12
     assert 0.5 * estimate < result["step_tflop"] < 2.5 * estimate
+
+
+@pytest.mark.parametrize(("method", "parts"), [
+    ("clipself", {"trunk pass", "teacher", "losses", "backward", "optimizer"}),  # no text: L_SD alone
+    ("regionclip", {"trunk pass", "teacher", "text", "losses", "backward", "optimizer"}),
+    ("regionclip_sigmoid", {"trunk pass", "teacher", "losses", "backward", "optimizer"}),
+])
+def test_benchmark_times_each_methods_own_step(method, parts):
+    from hydra import compose, initialize_config_dir
+
+    from fineclip.benchmark import run
+    from fineclip.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("benchmark", overrides=[
+            f"method={method}", "batch_size=4", "regions_per_image=2", "steps=1", "warmup_steps=1",
+            "breakdown_steps=1", "loader.workers=[0]", "loader.images=4", "loader.batches=1",
+        ])
+    result = run(cfg)
+    assert set(result["parts_s"]) == parts
+    assert result["teacher"] == "FrozenTeacher"
+    assert result["regions"] == ("GridRegions" if method == "clipself" else "random boxes")

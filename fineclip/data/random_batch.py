@@ -16,6 +16,7 @@ def random_batch(batch_size: int, regions_per_image: int, image_size: int, step:
     index = torch.arange(batch_size).repeat_interleave(regions_per_image).float()[:, None]
     regions = torch.cat([index, corner, corner + side], dim=1)
     return {
+        "image_ids": torch.arange(batch_size) + step * batch_size,
         "images": images.to(device),
         "regions": regions.to(device),
         "captions": [f"caption {i} of step {step % 4}" for i in range(batch_size)],
