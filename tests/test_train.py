@@ -249,3 +249,19 @@ def test_wandb_logs_the_same_scalars_offline(tmp_path, monkeypatch, synthetic_ro
                 assert logged[line["step"]][key] == pytest.approx(value, rel=1e-6), (line["step"], key)
     assert [s for s in logged if "train/loss" in logged[s]] == [1, 2, 3]
     assert logged[3]["val/box/top1"] == json.loads((tmp_path / "run" / "eval.json").read_text())["box/top1"]
+
+
+def test_peak_memory_restarts_for_each_run():
+    """Each job of a multirun (one process) reports its own peak, not the process's lifetime peak."""
+    import numpy as np
+
+    from fineclip.engine.metrics_log import peak_memory_gb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    base = peak_memory_gb(cpu)
+    block = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    high = peak_memory_gb(cpu)
+    del block
+    reset_peak_memory(cpu)
+    assert high > base + 0.3 and peak_memory_gb(cpu) < high - 0.3

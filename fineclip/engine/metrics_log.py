@@ -14,10 +14,28 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS on the CPU."""
+    """Peak memory since ``reset_peak_memory``: allocated CUDA memory on a GPU, the process's peak
+    RSS on the CPU (Linux: VmHWM; elsewhere the lifetime peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # KiB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: each job of a multirun (one process) reports its own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
 
 
 class MetricsLogger:

@@ -35,7 +35,7 @@ from fineclip.data.random_batch import random_batch
 from fineclip.data.sampler import GlobalBatchSampler
 from fineclip.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint, save_step_checkpoint
 from fineclip.engine.distributed import DistInfo, all_reduce_sum, barrier, resolve_device
-from fineclip.engine.metrics_log import MetricsLogger, peak_memory_gb
+from fineclip.engine.metrics_log import MetricsLogger, peak_memory_gb, reset_peak_memory
 from fineclip.engine.step import StepResult, autocast_context, forward_loss, resolve_precision, train_step
 from fineclip.eval import format_metrics
 from fineclip.eval.protocols import ProtocolError, box_protocol, dense_image_size
@@ -519,6 +519,7 @@ def release_weights(run: Run, progress: Progress) -> None:
 def train(cfg: DictConfig, run_dir: str | Path, dist_info: DistInfo | None = None) -> dict:
     """Train as configured; returns the final evaluation metrics (empty without a val set)."""
     run = build(cfg, Path(run_dir), dist_info or DistInfo())
+    reset_peak_memory(run.device)  # this run's own peak, also as one job of a multirun
     main, tcfg = run.dist.is_main, cfg.trainer
     progress = resume(run)
     logger = None
