@@ -3,16 +3,28 @@
 # README's "Methods" table): every method= of configs/method/ fine-tuned for the same 300 steps,
 # then FineCLIP's losses with CLIPSelf's frozen teacher and with DetailCLIP's EMA teacher.
 #   1. pretrain once (experiment=synthetic_pretrain; skipped when already done),
-#   2. fine-tune each row (experiment=synthetic_methods, multirun; the role mixes as a second sweep),
+#   2. fine-tune each row (experiment=synthetic_methods), each in its own process so that its
+#      peak memory is its own (a multirun shares one process: python -m fineclip.train -m
+#      +experiment=synthetic_methods gives the same metrics),
 #   3. print the table (the pre-trained model first) and write results.csv next to the runs.
 # Usage: bash scripts/methods_synthetic.sh [overrides applied to every row, e.g. seed=1]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sweep_dir="runs/methods_synthetic/$(date +%Y-%m-%d_%H-%M-%S)"
+out="runs/methods_synthetic/$(date +%Y-%m-%d_%H-%M-%S)"
 pretrained=$(bash scripts/pretrain_synthetic.sh | tail -1)
-python -m fineclip.train -m +experiment=synthetic_methods trainer.progress=false \
-    hydra.sweep.dir="$sweep_dir/methods" "$@"
-python -m fineclip.train -m +experiment=synthetic_methods method=fineclip teacher=frozen,ema trainer.progress=false \
-    hydra.sweep.dir="$sweep_dir/mixes" "$@"
+rows=()
+row() {  # row NAME OVERRIDES...
+    local dir="$out/${#rows[@]}_$1"
+    python -m fineclip.train +experiment=synthetic_methods name="$1" trainer.progress=false \
+        hydra.run.dir="$dir" "${@:2}" "${extra[@]}"
+    rows+=("$dir")
+}
+extra=("$@")
+for method in clip clipself regionclip regionclip_sigmoid fineclip; do
+    row "$method" method="$method"
+done
+for teacher in frozen ema; do
+    row "fineclip+$teacher" method=fineclip teacher="$teacher"
+done
 echo
-python -m fineclip.results "$pretrained" "$sweep_dir/methods" "$sweep_dir/mixes" --csv "$sweep_dir/results.csv"
+python -m fineclip.results "$pretrained" "${rows[@]}" --csv "$out/results.csv"
