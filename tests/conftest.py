@@ -13,7 +13,8 @@ from fineclip.models import create_model
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
-    """A small synthetic data set (24 train, 8 val scenes of 64 px)."""
+    """A small synthetic data set (24 train, 8 val scenes of 64 px). A config that trains on it must
+    say so (data.synthetic.train=24 data.synthetic.val=8), or the data is regenerated at full size."""
     return generate(tmp_path_factory.mktemp("synthetic"), train=24, val=8, size=64, seed=0)
 
 

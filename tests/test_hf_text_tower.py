@@ -45,7 +45,8 @@ def test_bert_text_tower_embeds_like_bert_mean_pooled_and_projected(tiny_bert):
 def test_training_with_a_bert_text_tower(tiny_bert, synthetic_root, tmp_path):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            f"data.root={synthetic_root}", "data.val=null", "trainer.epochs=1", "trainer.progress=false",
+            f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8",
+            "data.val=null", "trainer.epochs=1", "trainer.progress=false",
             "trainer.tensorboard=false", "data.batch_size=8", "trainer.log_every=1",
             f"model.hf_text_tower={tiny_bert}", "model.freeze_text=true"])
     train(cfg, tmp_path / "run")

@@ -72,7 +72,8 @@ def test_dataset_scales_proposals_like_its_own_boxes(synthetic_root, tmp_path):
 def _cfg(tmp_path, synthetic_root, *overrides):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=[
-            f"data.root={synthetic_root}", "data.val=null", "trainer.epochs=1", "trainer.progress=false",
+            f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8",
+            "data.val=null", "trainer.epochs=1", "trainer.progress=false",
             "trainer.tensorboard=false", "data.batch_size=8", *overrides])
 
 

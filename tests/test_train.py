@@ -234,7 +234,8 @@ def test_wandb_logs_the_same_scalars_offline(tmp_path, monkeypatch, synthetic_ro
     monkeypatch.setenv("WANDB_SILENT", "true")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            f"data.root={synthetic_root}", "data.batch_size=8", "trainer.epochs=1", "trainer.log_every=1",
+            f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8",
+            "data.batch_size=8", "trainer.epochs=1", "trainer.log_every=1",
             "trainer.progress=false", "trainer.tensorboard=false", "trainer.wandb=true",
         ])
     train(cfg, tmp_path / "run")

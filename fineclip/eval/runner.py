@@ -31,6 +31,7 @@ from fineclip.eval.protocols import (
     retrieval_protocol,
     vild_prompts,
 )
+from fineclip.eval.segmentation import segmentation_metrics
 from fineclip.models import FineCLIPModel
 
 
@@ -241,12 +242,20 @@ def evaluate_from_config(
     else ``DEFAULT_TEMPLATES``."""
     templates = cfg.eval.get("templates") or evaluation_source(cfg).get("templates") or DEFAULT_TEMPLATES
     cache = cfg.eval.get("class_cache_dir") if model.freeze_text else None  # a trained text tower changes
-    return evaluate(
+    metrics = evaluate(
         model, dataset, templates=list(templates), batch_size=cfg.eval.batch_size,
         num_workers=evaluation_source(cfg).get("num_workers", 0), device=device, progress=progress,
         class_cache_dir=cache, crop_boxes=bool(cfg.eval.get("crop_boxes", False)), box=box_protocol(cfg),
         retrieval=retrieval_protocol(cfg).name, crop_model=crop_model,
     )
+    if cfg.eval.get("segmentation"):
+        seg_cfg = evaluation_source(cfg).get("segmentation")
+        if not seg_cfg:
+            raise ProtocolError("eval.segmentation=true needs a data config with a `segmentation` section "
+                                "(data=synthetic has one)")
+        metrics.update(segmentation_metrics(model, seg_cfg, list(templates), cfg.eval.batch_size, device,
+                                            probe_steps=int(cfg.eval.get("probe_steps", 500))))
+    return metrics
 
 
 def format_metrics(metrics: dict) -> str:
@@ -273,6 +282,11 @@ def format_metrics(metrics: dict) -> str:
                 *(metrics[f"retrieval/{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
             )
         )
+    if "seg/zero_shot_miou" in metrics:
+        probe = metrics.get("seg/linear_probe_miou")
+        lines.append(f"segmentation: {metrics['seg/images']:.0f} images   zero-shot mIoU "
+                     f"{metrics['seg/zero_shot_miou']:.1f}"
+                     + (f"   linear-probe mIoU {probe:.1f}" if probe is not None else ""))
     if metrics.get("missing_images"):
         lines.append(f"(eval.allow_missing: {metrics['missing_images']:.0f} missing image(s) not scored)")
     return "\n".join(lines)
