@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from fineclip.data import RegionCaptionDataset, collate_regions
 from fineclip.data.synthetic import prepare_synthetic
+from fineclip.eval.classification import zero_shot_classification
 from fineclip.eval.metrics import box_accuracy, retrieval_recall
 from fineclip.eval.prompts import DEFAULT_TEMPLATES, cached_class_embeddings, template_prompts
 from fineclip.eval.protocols import (
@@ -255,6 +256,10 @@ def evaluate_from_config(
                                 "(data=synthetic has one)")
         metrics.update(segmentation_metrics(model, seg_cfg, list(templates), cfg.eval.batch_size, device,
                                             probe_steps=int(cfg.eval.get("probe_steps", 500))))
+    if cfg.eval.get("zeroshot_root"):
+        zeroshot_templates = list(cfg.eval.get("zeroshot_templates") or DEFAULT_TEMPLATES)
+        metrics.update(zero_shot_classification(model, cfg.eval.zeroshot_root, zeroshot_templates,
+                                                cfg.eval.batch_size, device))
     return metrics
 
 
@@ -287,6 +292,10 @@ def format_metrics(metrics: dict) -> str:
         lines.append(f"segmentation: {metrics['seg/images']:.0f} images   zero-shot mIoU "
                      f"{metrics['seg/zero_shot_miou']:.1f}"
                      + (f"   linear-probe mIoU {probe:.1f}" if probe is not None else ""))
+    if "zeroshot/top1" in metrics:
+        lines.append(f"zero-shot classification: {metrics['zeroshot/images']:.0f} images, "
+                     f"{metrics['zeroshot/classes']:.0f} classes   top-1 {metrics['zeroshot/top1']:.1f}   "
+                     f"top-5 {metrics['zeroshot/top5']:.1f}")
     if metrics.get("missing_images"):
         lines.append(f"(eval.allow_missing: {metrics['missing_images']:.0f} missing image(s) not scored)")
     return "\n".join(lines)
