@@ -1,0 +1,44 @@
+"""The recomputed CLS attention against nn.MultiheadAttention's own weights, and DetailCLIP's
+kept-token rule against a loop over cells."""
+
+import math
+
+import torch
+
+from fineclip.methods.attention import cls_attention, kept_tokens
+
+
+def test_cls_attention_equals_the_attention_modules_own_weights(tiny_model):
+    visual = tiny_model.clip.visual
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    inputs = []
+    hooks = [b.attn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+             for b in visual.transformer.resblocks]
+    with torch.no_grad():
+        visual(pixels)
+    for h in hooks:
+        h.remove()
+    expected = []
+    with torch.no_grad():
+        for block, x in zip(visual.transformer.resblocks, inputs, strict=True):
+            _, weights = block.attn(x, x, x, need_weights=True, average_attn_weights=True)  # (B, N, N)
+            expected.append(weights[:, 0, 1:])
+    expected = torch.stack(expected).mean(0).reshape(2, 8, 8)
+    got = cls_attention(visual, pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.sum(dim=(1, 2)), expected.sum(dim=(1, 2)))
+
+
+def test_kept_tokens_keep_the_top_cells_of_the_pooled_map():
+    g = torch.Generator().manual_seed(1)
+    attention = torch.rand(3, 14, 14, generator=g)
+    mask = kept_tokens(attention, cells=7, ratio=0.5)
+    assert mask.shape == (3, 196) and (mask.sum(1) == 4 * (math.floor(49 * 0.5) + 1)).all()  # 25 cells, 100 tokens
+    for b in range(3):
+        cell_means = {(i, j): attention[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean().item()
+                      for i in range(7) for j in range(7)}
+        top = sorted(cell_means, key=cell_means.get, reverse=True)[:25]
+        expected = torch.zeros(14, 14, dtype=torch.bool)
+        for i, j in top:
+            expected[2 * i:2 * i + 2, 2 * j:2 * j + 2] = True
+        assert torch.equal(mask[b], expected.flatten())
