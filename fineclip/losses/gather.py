@@ -52,6 +52,16 @@ def global_count(n: int, device: torch.device) -> torch.Tensor:
     return count
 
 
+@torch.no_grad()
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over all ranks (``x`` itself on one process); no gradient."""
+    if not is_distributed():
+        return x
+    total = x.clone()
+    dist.all_reduce(total)
+    return total / world_size()
+
+
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """All ranks' ``x`` concatenated along dim 0, with gradient (all ranks: same shape)."""
     if not is_distributed():
