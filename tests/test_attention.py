@@ -42,3 +42,22 @@ def test_kept_tokens_keep_the_top_cells_of_the_pooled_map():
         for i, j in top:
             expected[2 * i:2 * i + 2, 2 * j:2 * j + 2] = True
         assert torch.equal(mask[b], expected.flatten())
+
+
+def test_kept_token_pass_equals_the_full_pass_with_removed_tokens_masked_out(tiny_model):
+    from fineclip.methods.attention import encode_kept_tokens
+
+    visual = tiny_model.clip.visual
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randn(2, 3, 64, 64, generator=g)
+    keep = torch.zeros(2, 64, dtype=torch.bool)
+    for b in range(2):
+        keep[b, torch.randperm(64, generator=g)[:20]] = True
+    with torch.no_grad():
+        short = encode_kept_tokens(visual, pixels, keep)
+        for b in range(2):  # the whole sequence, every query barred from the removed keys
+            removed = torch.cat([torch.tensor([False]), ~keep[b]])
+            mask = torch.zeros(65, 65).masked_fill(removed[None, :], float("-inf"))
+            full = visual.transformer(visual._embeds(pixels[b : b + 1]), attn_mask=mask)[0]
+            kept_rows = torch.cat([torch.tensor([True]), keep[b]])
+            torch.testing.assert_close(short[b], full[kept_rows], rtol=1e-5, atol=1e-5)

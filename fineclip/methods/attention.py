@@ -54,3 +54,17 @@ def kept_tokens(attention: torch.Tensor, cells: int = 7, ratio: float = 0.5) -> 
     keep = pooled.topk(math.floor(cells * cells * ratio) + 1, dim=1).indices
     cell_mask = torch.zeros_like(pooled, dtype=torch.bool).scatter_(1, keep, True).view(b, 1, cells, cells)
     return F.interpolate(cell_mask.float(), size=(h, w), mode="nearest").bool().flatten(1)
+
+
+def encode_kept_tokens(visual: nn.Module, pixels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The student's pass over the kept tokens only: an open_clip ``VisionTransformer``'s embedded
+    tokens (CLS + patches, position embeddings added), the patches where the (B, N) ``keep`` mask is
+    True (the same count in every row, as ``kept_tokens`` gives), through every block. Returns
+    (B, 1 + K, width) before the final norm."""
+    counts = keep.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("every image must keep the same number of tokens")
+    x = visual._embeds(pixels)
+    index = keep.nonzero()[:, 1].view(keep.shape[0], int(counts[0]))
+    patches = x[:, 1:].gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    return visual.transformer(torch.cat([x[:, :1], patches], dim=1))
