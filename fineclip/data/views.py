@@ -1,0 +1,65 @@
+"""Augmented views of a batch, made on the device in a few batched ops (DetailCLIP's two views):
+a random resized crop (RoIAlign of one box per image, resized to ``size``), a horizontal flip and
+colour jitter (brightness, contrast, saturation, in that order), each with its own draw per image.
+
+The crop box follows RandomResizedCrop's law without its rejection loop: area fraction s ~
+U(scale), log aspect ratio ~ U(log ratio), width √(s·A·r) and height √(s·A/r) clipped to the image,
+position uniform. The colour operations are torchvision's formulas (``adjust_brightness``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import roi_align
+
+
+@dataclass
+class ViewParams:
+    boxes: torch.Tensor  # (B, 4) x1 y1 x2 y2 in pixels
+    flip: torch.Tensor  # (B,) bool
+    brightness: torch.Tensor  # (B,) factors
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+
+
+def sample_view_params(batch: int, height: int, width: int, generator: torch.Generator | None = None,
+                       scale: tuple[float, float] = (0.4, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                       flip_p: float = 0.5, jitter: tuple[float, float, float] = (0.4, 0.4, 0.2)) -> ViewParams:
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)
+
+    area = uniform(*scale) * height * width
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w = torch.sqrt(area * aspect).clamp(max=width)
+    h = torch.sqrt(area / aspect).clamp(max=height)
+    x1, y1 = uniform(0, 1) * (width - w), uniform(0, 1) * (height - h)
+    b, c, s = jitter
+    return ViewParams(
+        boxes=torch.stack([x1, y1, x1 + w, y1 + h], dim=1).float(),
+        flip=torch.rand(batch, generator=generator) < flip_p,
+        brightness=uniform(1 - b, 1 + b).float(), contrast=uniform(1 - c, 1 + c).float(),
+        saturation=uniform(1 - s, 1 + s).float(),
+    )
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor.view(-1, 1, 1, 1) * a + (1 - factor.view(-1, 1, 1, 1)) * b).clamp(0, 1)
+
+
+def make_views(images: torch.Tensor, params: ViewParams, size: int) -> torch.Tensor:
+    """(B, 3, H, W) float images in [0, 1] -> (B, 3, size, size) views."""
+    index = torch.arange(len(images), device=images.device, dtype=images.dtype)[:, None]
+    rois = torch.cat([index, params.boxes.to(images)], dim=1)
+    views = roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    views = torch.where(params.flip.to(images.device).view(-1, 1, 1, 1), views.flip(-1), views)
+    views = _blend(views, torch.zeros_like(views), params.brightness.to(images))
+    mean = _grayscale(views).mean(dim=(1, 2, 3), keepdim=True)
+    views = _blend(views, mean.expand_as(views), params.contrast.to(images))
+    return _blend(views, _grayscale(views).expand_as(views), params.saturation.to(images))
