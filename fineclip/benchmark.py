@@ -32,7 +32,7 @@ from fineclip.data import RegionCaptionDataset, collate_regions
 from fineclip.data.random_batch import random_batch
 from fineclip.engine.distributed import resolve_device
 from fineclip.engine.step import resolve_precision, train_step
-from fineclip.engine.trainer import compile_blocks, encode_texts_in_chunks, freeze_unused_parameters
+from fineclip.engine.trainer import compile_blocks, freeze_unused_parameters
 from fineclip.losses import CompositeLoss
 from fineclip.methods.teachers import Teacher
 from fineclip.models import FineCLIPModel
@@ -72,7 +72,6 @@ class Step:
         return train_step(self.model, self.loss_fn, self.optimizer, [batch], precision=self.precision,
                           teacher=self.teacher).loss
 
-
     def timed(self, batch: dict) -> dict[str, float]:
         """The same step, synchronising around each of its named sections: seconds per section."""
         with timed_sections(self.device) as times:
@@ -80,7 +79,7 @@ class Step:
         return dict(times)
 
 
-def build_method(cfg: DictConfig, device, precision: str) -> tuple[FineCLIPModel, CompositeLoss, Teacher, object]:
+def build_method(cfg: DictConfig, device) -> tuple[FineCLIPModel, CompositeLoss, Teacher, object]:
     """Model (random weights), loss, teacher and region source of ``method=``, set up as the trainer
     does; a RegionCLIP concept pool of ``concept_pool`` made-up names."""
     model: FineCLIPModel = instantiate(cfg.model, checkpoint=None).to(device).train()
@@ -88,13 +87,14 @@ def build_method(cfg: DictConfig, device, precision: str) -> tuple[FineCLIPModel
     teacher: Teacher = instantiate(cfg.teacher)
     teacher.setup(model)
     region_source = instantiate(cfg.regions) if cfg.regions.get("_target_") else None
-    loss_fn.prepare(lambda texts: encode_texts_in_chunks(model, texts), [f"class {i}" for i in range(cfg.concept_pool)])
+    loss_fn.prepare(model.encode_text_pool, [f"class {i}" for i in range(cfg.concept_pool)])
     return model, loss_fn, teacher, region_source
+
 
 def model_flops(cfg: DictConfig, batch: dict, device, precision: str) -> float:
     """Model FLOPs of one step (forward + backward, no recomputation), counted by FlopCounterMode
     on a fresh eager copy (no compile, no checkpointing) after one step has filled its text cache."""
-    model, loss_fn, teacher, regions = build_method(cfg, device, precision)
+    model, loss_fn, teacher, regions = build_method(cfg, device)
     step = Step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0), device, precision, teacher, regions)
     step(batch)
     with FlopCounterMode(display=False) as counter:
@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(0)
     if cfg.model.get("checkpoint"):
         log.info("benchmark uses random weights: model.checkpoint is ignored")
-    model, loss_fn, teacher, region_source = build_method(cfg, device, precision)
+    model, loss_fn, teacher, region_source = build_method(cfg, device)
     if cfg.trainer.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     freeze_unused_parameters(model, loss_fn, precision, teacher)  # as the trainer does, before compiling

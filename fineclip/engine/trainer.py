@@ -145,18 +145,6 @@ def check_region_captions(cfg: DictConfig, region_source, loss_fn: CompositeLoss
                           "method=clipself or method=regionclip) or regions=boxes")
 
 
-@torch.no_grad()
-def encode_texts_in_chunks(model: FineCLIPModel, texts: list[str], chunk: int = 1024) -> torch.Tensor:
-    """Normalised embeddings of many texts (a noun pool × templates), ``chunk`` at a time, without
-    filling the caption cache."""
-    was_training = model.training
-    model.eval()
-    tokens = [model.tokenizer(texts[i : i + chunk]).to(model.pixel_mean.device) for i in range(0, len(texts), chunk)]
-    emb = torch.cat([torch.nn.functional.normalize(model.clip.encode_text(t), dim=-1) for t in tokens])
-    model.train(was_training)
-    return emb
-
-
 def summarize_names(names: list[str]) -> str:
     """'clip.logit_scale, clip.transformer (24 tensors)': parameter names grouped by module."""
     groups = Counter(".".join(n.split(".")[:2]) for n in names)
@@ -208,7 +196,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
                                                   **proposal_arguments(cfg))
     check_region_captions(cfg, region_source, loss_fn)
     # text pools a loss embeds once with the initial text tower (RegionCLIP's concepts)
-    loss_fn.prepare(lambda texts: encode_texts_in_chunks(model, texts), list(train_set.categories.values()))
+    loss_fn.prepare(model.encode_text_pool, list(train_set.categories.values()))
     frozen = freeze_unused_parameters(model, loss_fn, precision, teacher)
     if frozen and dist.is_main:
         log.info("not trained by the enabled loss terms, so frozen: %s", summarize_names(frozen))

@@ -112,6 +112,16 @@ class FineCLIPModel(nn.Module):
         tokens = self.tokenizer(texts).to(self.pixel_mean.device)
         return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
+    @torch.no_grad()
+    def encode_text_pool(self, texts: Sequence[str], chunk: int = 1024) -> torch.Tensor:
+        """Normalised embeddings of a large text pool (nouns × templates), ``chunk`` at a time, in
+        eval mode and without autograd, bypassing the caption cache."""
+        was_training = self.training
+        self.eval()
+        emb = torch.cat([self._encode_tokens(list(texts[i : i + chunk])) for i in range(0, len(texts), chunk)])
+        self.train(was_training)
+        return emb
+
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised text embeddings (N, D); cached when the text tower is frozen."""
         if len(texts) == 0:
