@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from fineclip.methods.attention import cls_attention, kept_tokens
+from fineclip.models.attention import cls_attention, kept_tokens
 
 
 def test_cls_attention_equals_the_attention_modules_own_weights(tiny_model):
@@ -45,7 +45,7 @@ def test_kept_tokens_keep_the_top_cells_of_the_pooled_map():
 
 
 def test_kept_token_pass_equals_the_full_pass_with_removed_tokens_masked_out(tiny_model):
-    from fineclip.methods.attention import encode_kept_tokens
+    from fineclip.models.attention import encode_kept_tokens
 
     visual = tiny_model.clip.visual
     g = torch.Generator().manual_seed(3)

@@ -5,7 +5,6 @@ import math
 import torch
 
 from fineclip.losses.detailclip import (
-    DetailCLIPHead,
     dino_cls_loss,
     ibot_patch_loss,
     patchify,
@@ -13,6 +12,7 @@ from fineclip.losses.detailclip import (
     teacher_patch_temperature,
     update_center,
 )
+from fineclip.models.detail_heads import DetailCLIPHead
 
 
 def _softmax(xs):

@@ -25,24 +25,38 @@ class ViewParams:
     saturation: torch.Tensor
 
 
-def sample_view_params(batch: int, height: int, width: int, generator: torch.Generator | None = None,
-                       scale: tuple[float, float] = (0.4, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                       flip_p: float = 0.5, jitter: tuple[float, float, float] = (0.4, 0.4, 0.2)) -> ViewParams:
-    def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)
+def view_params(uniforms: torch.Tensor, height: int, width: int, scale: tuple[float, float] = (0.4, 1.0),
+                ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
+                jitter: tuple[float, float, float] = (0.4, 0.4, 0.2)) -> ViewParams:
+    """View parameters from (B, 8) float64 uniforms in [0, 1): area, aspect, x, y, flip, brightness,
+    contrast, saturation draw, in that order (the source of the uniforms decides the seeding)."""
+    u = uniforms.to(torch.float64)
 
-    area = uniform(*scale) * height * width
-    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+    def between(column: int, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * u[:, column]
+
+    area = between(0, *scale) * height * width
+    aspect = torch.exp(between(1, math.log(ratio[0]), math.log(ratio[1])))
     w = torch.sqrt(area * aspect).clamp(max=width)
     h = torch.sqrt(area / aspect).clamp(max=height)
-    x1, y1 = uniform(0, 1) * (width - w), uniform(0, 1) * (height - h)
+    x1, y1 = u[:, 2] * (width - w), u[:, 3] * (height - h)
     b, c, s = jitter
     return ViewParams(
         boxes=torch.stack([x1, y1, x1 + w, y1 + h], dim=1).float(),
-        flip=torch.rand(batch, generator=generator) < flip_p,
-        brightness=uniform(1 - b, 1 + b).float(), contrast=uniform(1 - c, 1 + c).float(),
-        saturation=uniform(1 - s, 1 + s).float(),
+        flip=u[:, 4] < flip_p,
+        brightness=between(5, 1 - b, 1 + b).float(), contrast=between(6, 1 - c, 1 + c).float(),
+        saturation=between(7, 1 - s, 1 + s).float(),
     )
+
+
+VIEW_UNIFORMS = 8  # columns of ``view_params``'s uniforms
+
+
+def sample_view_params(batch: int, height: int, width: int, generator: torch.Generator | None = None,
+                       **options) -> ViewParams:
+    """One draw per image from ``generator`` (``options``: those of ``view_params``)."""
+    uniforms = torch.rand(batch, VIEW_UNIFORMS, generator=generator, dtype=torch.float64)
+    return view_params(uniforms, height, width, **options)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:

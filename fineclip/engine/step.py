@@ -44,16 +44,17 @@ def forward_loss(
     model: nn.Module, loss_fn: CompositeLoss, batch: dict, teacher: Teacher | None = None
 ) -> tuple[torch.Tensor, dict]:
     """The features the enabled loss terms need (through the DDP wrapper when ``model`` is one, so
-    that gradients are averaged; those a teacher provides from the teacher), combined into
-    (total, {term: value})."""
+    that gradients are averaged; those a teacher provides from the teacher, first, and handed to the
+    student as ``taught``), combined into (total, {term: value})."""
     need = loss_fn.required_features
     from_teacher = need & teacher.provides if teacher is not None else frozenset()
-    features = model(
-        batch["images"], batch["captions"], batch["regions"], batch["region_captions"], need=need - from_teacher,
-    )
+    taught = {}
     if from_teacher:
         with section("teacher"):
-            features.update(teacher.features(batch["images"], batch["regions"], from_teacher))
+            taught = teacher.features(batch, from_teacher)
+    features = model(batch["images"], batch["captions"], batch["regions"], batch["region_captions"],
+                     need=need - from_teacher, taught=taught)
+    features.update(taught)
     with section("losses"):
         return loss_fn(features)
 

@@ -45,6 +45,7 @@ from fineclip.losses.gather import local_only
 from fineclip.methods import GridRegions
 from fineclip.methods.teachers import SelfTeacher, Teacher
 from fineclip.models import FineCLIPModel
+from fineclip.models.fineclip_model import DETAIL_FEATURES, FEATURES, NO_GRAD_CROPS
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def freeze_unused_parameters(
     batch = random_batch(2, 2, model.image_size[0], device=device)
     was_training = model.training
     model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    probe = teacher.probe() if teacher is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), probe:
         with autocast_context(device, precision):
             loss, _ = forward_loss(model, loss_fn, batch, teacher)
         grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
@@ -143,6 +145,14 @@ def check_region_captions(cfg: DictConfig, region_source, loss_fn: CompositeLoss
         raise ConfigError(f"regions={cfg.regions.get('source', 'grid')} gives regions without captions, but the loss "
                           f"({cfg.loss._target_}) reads region captions: use a loss without L_RC (e.g. loss=sd, "
                           "method=clipself or method=regionclip) or regions=boxes")
+
+
+def check_teacher_provides(cfg: DictConfig, loss_fn: CompositeLoss, teacher: Teacher) -> None:
+    """Features that neither the model nor the teacher computes (DetailCLIP's loss without its teacher)."""
+    missing = loss_fn.required_features - set(FEATURES) - set(DETAIL_FEATURES) - {NO_GRAD_CROPS} - teacher.provides
+    if missing:
+        raise ConfigError(f"the loss ({cfg.loss._target_}) needs {sorted(missing)}, which teacher="
+                          f"{type(teacher).__name__} does not give: use the method's own teacher (method=detailclip)")
 
 
 def summarize_names(names: list[str]) -> str:
@@ -191,6 +201,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
     loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
     teacher: Teacher = instantiate(cfg.teacher) if cfg.get("teacher") else SelfTeacher()
     teacher.setup(model)  # a copy of the initial model, for the teachers that keep one
+    check_teacher_provides(cfg, loss_fn, teacher)
     region_source = instantiate(cfg.regions) if cfg.get("regions") and cfg.regions.get("_target_") else None
     train_set: RegionCaptionDataset = instantiate(cfg.data.train, image_size=model.image_size[0],
                                                   **proposal_arguments(cfg))
@@ -393,6 +404,7 @@ def epoch_batches(run: Run, progress: Progress):
     """The micro-batches of each remaining optimizer step of ``progress.epoch``, in the order of
     an uninterrupted run (the order depends only on seed and epoch)."""
     run.train_set.set_epoch(progress.epoch)
+    run.teacher.set_epoch(progress.epoch)
     run.sampler.set_epoch(progress.epoch, start_step=progress.step_in_epoch * run.accumulate)
     loader = DataLoader(
         run.train_set, batch_size=run.cfg.data.batch_size, sampler=run.sampler, num_workers=run.cfg.data.num_workers,

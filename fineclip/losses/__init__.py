@@ -3,10 +3,12 @@
 from fineclip.losses.composite import CompositeLoss, FineCLIPLoss, RegionCLIPLoss
 from fineclip.losses.concepts import ConceptDistillation, ConceptSigmoid, sample_concepts
 from fineclip.losses.contrastive import GlobalContrastive, RegionalContrastive, infonce_row_sum
+from fineclip.losses.detailclip import DetailCLIPLoss
 from fineclip.losses.distillation import SelfDistillation
 
 __all__ = [
     "CompositeLoss",
+    "DetailCLIPLoss",
     "ConceptDistillation",
     "ConceptSigmoid",
     "FineCLIPLoss",

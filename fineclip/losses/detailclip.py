@@ -1,8 +1,10 @@
-"""DetailCLIP's self-supervised terms and projection head (the method's wiring comes separately).
+"""DetailCLIP's loss: L_CLIP + L_CLS + L_Patch + L_Rec (all weight 1), the terms as functions and as
+loss-term modules over the features that the student (FineCLIPModel) and ``DetailCLIPTeacher`` give.
 
 Notation: K head outputs, τ_s the student temperature (0.1), τ_t the teacher's (CLS 0.04; patch
 0.07, 0.04 during the first epoch), c a running centre of the teacher's outputs.
 
+    L_CLIP  = mean over the V views of L_GC(view embedding, caption embedding)          (CLIP)
     L_CLS   = mean over view pairs u ≠ v and images b of  −Σ_k q_vbk · log p_ubk
               q_vb = softmax((t_vb − c_cls)/τ_t), p_ub = softmax(s_ub/τ_s)            (DINO)
     L_Patch = mean over images b of  [Σ_{n removed} −Σ_k q_bnk · log p_bnk] / #removed_b
@@ -17,26 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import weight_norm
 
+from fineclip.losses.composite import CompositeLoss
+from fineclip.losses.contrastive import GlobalContrastive
 from fineclip.losses.gather import all_mean
-
-
-class DetailCLIPHead(nn.Module):
-    """MLP in → hidden → hidden → bottleneck (GELU), L2-normalise, then a weight-normalised linear
-    bottleneck → out without bias whose direction is learnt and norm fixed at 1 (DINO's head;
-    768 → 2048 → 2048 → 256 → 8192 for ViT-B). Shared by the CLS and the patch tokens."""
-
-    def __init__(self, in_dim: int, hidden: int = 2048, bottleneck: int = 256, out_dim: int = 8192) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
-        self.last = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
-        self.last.parametrizations.weight.original0.data.fill_(1.0)
-        self.last.parametrizations.weight.original0.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(F.normalize(self.mlp(x), dim=-1))
 
 
 def teacher_patch_temperature(epoch: int, first: float = 0.04, after: float = 0.07) -> float:
@@ -86,3 +72,78 @@ def update_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float =
     """c ← m·c + (1 − m)·(mean of ``teacher`` over every leading dimension, and over all ranks)."""
     batch_mean = all_mean(teacher.reshape(-1, teacher.shape[-1]).mean(0))
     return center * momentum + batch_mean * (1 - momentum)
+
+
+# -- the loss terms over features ----------------------------------------------------------------
+# the student's (FineCLIPModel.forward): view_emb (V, B, D), student_cls (V, B, K), student_patch
+# (V·B, R, K) at the removed tokens, rec_pred (V·B, N, patch²·3); the teacher's (DetailCLIPTeacher):
+# views (V·B, 3, S, S) normalised pixels, keep (V·B, N), teacher_cls (V, B, K), teacher_patch
+# (V·B, R, K), centers (2, K) = (c_cls, c_patch) before this step's update, teacher_temperature
+# (2,) = (τ_t CLS, τ_t patch) of this epoch.
+class ViewContrastive(nn.Module):
+    """L_CLIP: the mean over views of the global image–text InfoNCE of each view's embedding."""
+
+    requires = frozenset({"view_emb", "text_emb", "logit_scale"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contrastive = GlobalContrastive()
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        views = features["view_emb"]
+        return torch.stack([self.contrastive({"image_emb": v, "text_emb": features["text_emb"],
+                                              "logit_scale": features["logit_scale"]}) for v in views]).mean()
+
+
+class CLSDistillation(nn.Module):
+    """L_CLS (``dino_cls_loss``) across the views."""
+
+    requires = frozenset({"student_cls", "teacher_cls", "centers", "teacher_temperature"})
+
+    def __init__(self, student_temperature: float = 0.1) -> None:
+        super().__init__()
+        self.student_temperature = student_temperature
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dino_cls_loss(features["student_cls"], features["teacher_cls"], features["centers"][0],
+                             self.student_temperature, features["teacher_temperature"][0])
+
+
+class PatchDistillation(nn.Module):
+    """L_Patch (``ibot_patch_loss``) on the removed tokens (the same number in every image)."""
+
+    requires = frozenset({"student_patch", "teacher_patch", "centers", "teacher_temperature"})
+
+    def __init__(self, student_temperature: float = 0.1) -> None:
+        super().__init__()
+        self.student_temperature = student_temperature
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        student = features["student_patch"]
+        removed = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
+        return ibot_patch_loss(student, features["teacher_patch"], removed, features["centers"][1],
+                               self.student_temperature, features["teacher_temperature"][1])
+
+
+class MaskedReconstruction(nn.Module):
+    """L_Rec (``reconstruction_loss``) on the removed patches of each view."""
+
+    requires = frozenset({"rec_pred", "views", "keep"})
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        pred = features["rec_pred"]
+        patch = round((pred.shape[-1] / 3) ** 0.5)
+        return reconstruction_loss(pred.float(), features["views"].float(), ~features["keep"], patch)
+
+
+class DetailCLIPLoss(CompositeLoss):
+    """L = w_clip·L_CLIP + w_cls·L_CLS + w_patch·L_Patch + w_rec·L_Rec (DetailCLIP: all 1, τ_s = 0.1)."""
+
+    def __init__(self, clip_weight: float = 1.0, cls_weight: float = 1.0, patch_weight: float = 1.0,
+                 rec_weight: float = 1.0, student_temperature: float = 0.1) -> None:
+        super().__init__(
+            terms={"clip": ViewContrastive(), "cls": CLSDistillation(student_temperature),
+                   "patch": PatchDistillation(student_temperature),
+                   "rec": MaskedReconstruction()},
+            weights={"clip": clip_weight, "cls": cls_weight, "patch": patch_weight, "rec": rec_weight},
+        )

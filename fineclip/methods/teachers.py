@@ -13,6 +13,7 @@ without autograd, and is saved with the checkpoint (so a resumed run continues w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -32,8 +33,18 @@ class Teacher:
     def setup(self, model: FineCLIPModel) -> None:
         """Called once with the initial model, before any step."""
 
-    def features(self, images: torch.Tensor, regions: torch.Tensor, need: frozenset[str]) -> dict[str, torch.Tensor]:
+    def features(self, batch: dict, need: frozenset[str]) -> dict[str, torch.Tensor]:
+        """The features of ``need`` for a batch on the device; computed before the student's forward,
+        which receives them as ``taught``."""
         return {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch's steps (and after a resume)."""
+
+    def probe(self):
+        """A context in which ``features`` leaves the teacher's state as it was (the start-up probe of
+        which parameters the loss uses runs one forward)."""
+        return contextlib.nullcontext()
 
     def after_step(self, model: FineCLIPModel, step: int, total_steps: int) -> None:
         """Called after optimizer step ``step`` (1-based) of ``total_steps``."""
@@ -73,7 +84,8 @@ class FrozenTeacher(Teacher):
             param.requires_grad_(False)
 
     @torch.no_grad()
-    def features(self, images, regions, need) -> dict[str, torch.Tensor]:
+    def features(self, batch, need) -> dict[str, torch.Tensor]:
+        images, regions = batch["images"], batch["regions"]
         if not (need & CROP_FEATURES):
             return {}
         if not len(regions):
@@ -103,6 +115,9 @@ def ema_momentum(step: int, total_steps: int, start: float) -> float:
 class EMATeacher(FrozenTeacher):
     """An exponential moving average of the student, on a cosine momentum schedule."""
 
+    # the parameters that follow the student (names in FineCLIPModel); None: all of them
+    follows: tuple[str, ...] | None = None
+
     def __init__(self, momentum: float = 0.996) -> None:
         super().__init__()
         self.momentum = momentum
@@ -115,6 +130,8 @@ class EMATeacher(FrozenTeacher):
         m = ema_momentum(step, total_steps, self.momentum)
         student = dict(model.named_parameters())
         for name, param in self.model.named_parameters():
+            if self.follows is not None and not name.startswith(self.follows):
+                continue
             param.lerp_(student[name].detach(), 1.0 - m)  # θ_t + (1 − m)(θ_s − θ_t) = m·θ_t + (1 − m)·θ_s
 
 

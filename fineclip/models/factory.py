@@ -128,6 +128,7 @@ def create_model(
     hf_text_tower: str | None = None,
     hf_pooler: str = "mean_pooler",
     hf_proj: str = "linear",
+    detailclip: dict | None = None,
 ) -> FineCLIPModel:
     """Build ``name`` (any open_clip model with a ViT image tower) with random weights, load a
     local ``checkpoint`` if given, and wrap it. Never downloads anything.
@@ -136,6 +137,9 @@ def create_model(
     for pretrained weights, ``model.safetensors``) that replaces the text tower: open_clip's
     ``hf_model_name`` text config (e.g. a BERT), pooled by ``hf_pooler`` (mean_pooler, cls_pooler,
     ...) and projected (``hf_proj``: linear or mlp) to the embedding width.
+
+    ``detailclip``: options of DetailCLIP's head and decoder (``DetailCLIPHeads``), added beside the
+    CLIP model when ``method=detailclip`` trains it; null otherwise.
 
     The logit scale θ starts at ``init_logit_scale`` (ln 100) unless the checkpoint brings one.
     ``text_cache_dtype`` is the dtype of the host table of a frozen text tower's caption
@@ -170,6 +174,7 @@ def create_model(
         crop_scale=crop_scale,
         crop_chunk=crop_chunk,
         text_cache_dtype=None if text_cache_dtype == "auto" else getattr(torch, text_cache_dtype),
+        detailclip=dict(detailclip) if detailclip is not None else None,
         mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
         std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
     )

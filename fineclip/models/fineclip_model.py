@@ -15,12 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fineclip.models.detail_heads import DetailCLIPHeads
 from fineclip.models.regions import crop_regions, enlarge_boxes, pool_regions
 from fineclip.models.text_cache import TextEmbeddingCache
 from fineclip.models.towers import make_tower_adapter
 from fineclip.timing import section
 
 FEATURES = ("image_emb", "text_emb", "region_emb", "crop_emb", "region_text_emb", "dense", "logit_scale")
+# DetailCLIP's student features (need ``detailclip`` heads and the teacher's views and kept tokens):
+# view_emb (V, B, D), student_cls (V, B, K), student_patch (V·B, R, K) at the R removed tokens,
+# rec_pred (V·B, N, patch²·3)
+DETAIL_FEATURES = ("view_emb", "student_cls", "student_patch", "rec_pred")
 # asking for "crop_emb_nograd" instead of "crop_emb" gives crop_emb computed without autograd
 # (a detached teacher): no activations are kept for the crop pass
 NO_GRAD_CROPS = "crop_emb_nograd"
@@ -36,6 +41,7 @@ class FineCLIPModel(nn.Module):
         crop_scale: float = 1.5,
         crop_chunk: int = 0,
         text_cache_dtype: torch.dtype | None = None,
+        detailclip: dict | None = None,
         mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
         std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
     ) -> None:
@@ -49,6 +55,9 @@ class FineCLIPModel(nn.Module):
         self.crop_chunk = crop_chunk
         self.freeze_text = freeze_text
         self.text_cache = TextEmbeddingCache(text_cache_dtype)
+        # DetailCLIP's head and decoder (``DetailCLIPHeads`` options), when that method trains the model
+        self.detail = DetailCLIPHeads(self.tower.width, self.tower.heads, self.grid_size, self.tower.patch_size[0],
+                                      **detailclip) if detailclip is not None else None
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if freeze_text:
@@ -106,6 +115,26 @@ class FineCLIPModel(nn.Module):
             return self.encode_image(crops)
         chunks = crops.split(self.crop_chunk)
         return torch.cat([checkpoint(self.encode_image, c, use_reentrant=False) for c in chunks])
+
+    def encode_views_detail(self, views: torch.Tensor, keep: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+        """DetailCLIP's student on V·B normalised views (view-major) that keep the tokens where
+        ``keep`` (V·B, N) is True: the views' embeddings, the head on CLS (encoder) and on the removed
+        tokens (decoder), and the decoder's pixel predictions (``DETAIL_FEATURES``)."""
+        if self.detail is None:
+            raise ValueError("DetailCLIP's features need the model built with detailclip heads (method=detailclip)")
+        x = self.tower.kept_tokens(views, keep)  # (V·B, 1 + K, width), before the final norm
+        views_count = len(views) // batch
+        view_emb = F.normalize(self.tower.global_head(x), dim=-1)
+        latent = self.tower.final_norm(x)
+        decoded = self.detail.decoder(latent, keep)[:, 1:]  # (V·B, N, width)
+        removed = ~keep
+        removed_tokens = decoded[removed].view(len(views), int(removed[0].sum()), decoded.shape[-1])
+        return {
+            "view_emb": view_emb.view(views_count, batch, -1),
+            "student_cls": self.detail.head(latent[:, 0]).view(views_count, batch, -1),
+            "student_patch": self.detail.head(removed_tokens),
+            "rec_pred": self.detail.decoder.pixels(decoded),
+        }
 
     # -- text ---------------------------------------------------------------------------------
     def _encode_tokens(self, texts: list[str]) -> torch.Tensor:
@@ -171,11 +200,13 @@ class FineCLIPModel(nn.Module):
         regions: torch.Tensor,
         region_captions: Sequence[str],
         need: Collection[str] = FEATURES,
+        taught: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Compute only the features named in ``need`` (a subset of ``FEATURES``): a parameter that
-        no requested feature depends on takes no part in the step."""
+        """Compute only the features named in ``need`` (a subset of ``FEATURES`` and
+        ``DETAIL_FEATURES``): a parameter that no requested feature depends on takes no part in the
+        step. ``taught``: what the teacher computed before the student (DetailCLIP's views, keep)."""
         need = set(need)
-        unknown = need - set(FEATURES) - {NO_GRAD_CROPS}
+        unknown = need - set(FEATURES) - set(DETAIL_FEATURES) - {NO_GRAD_CROPS}
         if unknown:
             raise ValueError(f"unknown features {sorted(unknown)}; known: {FEATURES}")
         pixels = self.normalize_pixels(images)
@@ -201,6 +232,10 @@ class FineCLIPModel(nn.Module):
                 else:
                     with torch.no_grad():
                         out["crop_emb"] = self.encode_crops(pixels, regions)
+        if need & set(DETAIL_FEATURES):
+            with section("student views"):
+                detail = self.encode_views_detail(taught["views"], taught["keep"], len(images))
+            out.update({k: v for k, v in detail.items() if k in need})
         texts: list[str] = []
         if "text_emb" in need:
             texts += list(captions)

@@ -16,6 +16,8 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fineclip.models.attention import encode_kept_tokens, tokens_and_cls_attention
+
 
 def identity_attention_mask(num_tokens: int, device, dtype) -> torch.Tensor:
     """Additive mask (N, N): 0 on the diagonal, -inf elsewhere."""
@@ -53,6 +55,22 @@ class TowerAdapter:
         """Final norm + projection of every patch token (prefix tokens dropped): (B, N, D)."""
         raise NotImplementedError
 
+    # -- DetailCLIP's passes (open_clip ViT towers) ----------------------------------------------
+    width: int
+    heads: int
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's final norm over every token (B, T, width)."""
+        raise NotImplementedError(f"{type(self).__name__} has no DetailCLIP passes: use an open_clip ViT tower")
+
+    def tokens_and_cls_attention(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens after the last block (B, 1 + N, width), CLS→patch attention (B, h, w))."""
+        raise NotImplementedError(f"{type(self).__name__} has no DetailCLIP passes: use an open_clip ViT tower")
+
+    def kept_tokens(self, pixels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The pass over CLS and the patch tokens where ``keep`` (B, N) is True: (B, 1 + K, width)."""
+        raise NotImplementedError(f"{type(self).__name__} has no DetailCLIP passes: use an open_clip ViT tower")
+
 
 class OpenCLIPViTAdapter(TowerAdapter):
     def __init__(self, visual: VisionTransformer):
@@ -64,6 +82,8 @@ class OpenCLIPViTAdapter(TowerAdapter):
             raise ValueError("only batch-first open_clip transformers are supported")
         self.visual = visual
         self.patch_size = tuple(visual.patch_size)
+        self.width = visual.transformer.width
+        self.heads = visual.transformer.resblocks[0].attn.num_heads
 
     def trunk(self, images):
         x = self.visual._embeds(images)
@@ -86,6 +106,15 @@ class OpenCLIPViTAdapter(TowerAdapter):
     def dense_head(self, x):
         tokens = self.visual.ln_post(x[:, 1:])
         return tokens @ self.visual.proj if self.visual.proj is not None else tokens
+
+    def final_norm(self, x):
+        return self.visual.ln_post(x)
+
+    def tokens_and_cls_attention(self, pixels):
+        return tokens_and_cls_attention(self.visual, pixels)
+
+    def kept_tokens(self, pixels, keep):
+        return encode_kept_tokens(self.visual, pixels, keep)
 
 
 class TimmEvaAdapter(TowerAdapter):

@@ -15,17 +15,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@torch.no_grad()
-def cls_attention(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, h, w) CLS→patch attention of an open_clip ``VisionTransformer``, averaged over all
-    layers and heads, from the inputs of every block's attention (captured by hooks on ``ln_1``)."""
+def _open_clip_blocks(visual: nn.Module) -> nn.ModuleList:
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
     if blocks is None or not all(isinstance(b.attn, nn.MultiheadAttention) for b in blocks):
-        raise NotImplementedError("cls_attention needs an open_clip VisionTransformer (nn.MultiheadAttention blocks)")
+        raise NotImplementedError("CLS attention and kept-token passes need an open_clip VisionTransformer "
+                                  "(nn.MultiheadAttention blocks), e.g. model=tiny or model=vit_b16")
+    return blocks
+
+
+@torch.no_grad()
+def tokens_and_cls_attention(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of an open_clip ``VisionTransformer``: its tokens after the last block, before the
+    final norm (B, 1 + h·w, width), and the (B, h, w) CLS→patch attention averaged over all layers
+    and heads, from the inputs of every block's attention (captured by hooks on ``ln_1``)."""
+    blocks = _open_clip_blocks(visual)
     inputs: list[torch.Tensor] = []
     hooks = [b.ln_1.register_forward_hook(lambda _m, _i, out: inputs.append(out)) for b in blocks]
     try:
-        visual(pixels)
+        tokens = visual.transformer(visual._embeds(pixels))
     finally:
         for hook in hooks:
             hook.remove()
@@ -37,10 +44,15 @@ def cls_attention(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         heads, dim = attn.num_heads, x.shape[-1] // attn.num_heads
         q = q[:, :1].reshape(x.shape[0], 1, heads, dim).transpose(1, 2)  # the CLS query only
         k = k.reshape(x.shape[0], -1, heads, dim).transpose(1, 2)
-        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(dim), dim=-1)  # (B, H, 1, N)
+        weights = torch.softmax(q.float() @ k.float().transpose(-2, -1) / math.sqrt(dim), dim=-1)  # (B, H, 1, N)
         maps.append(weights[:, :, 0, 1:].mean(dim=1))
     grid = visual.grid_size
-    return torch.stack(maps).mean(dim=0).reshape(pixels.shape[0], *grid)
+    return tokens, torch.stack(maps).mean(dim=0).reshape(pixels.shape[0], *grid)
+
+
+def cls_attention(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) CLS→patch attention of an open_clip ``VisionTransformer`` (``tokens_and_cls_attention``)."""
+    return tokens_and_cls_attention(visual, pixels)[1]
 
 
 def kept_tokens(attention: torch.Tensor, cells: int = 7, ratio: float = 0.5) -> torch.Tensor:
@@ -61,6 +73,7 @@ def encode_kept_tokens(visual: nn.Module, pixels: torch.Tensor, keep: torch.Tens
     tokens (CLS + patches, position embeddings added), the patches where the (B, N) ``keep`` mask is
     True (the same count in every row, as ``kept_tokens`` gives), through every block. Returns
     (B, 1 + K, width) before the final norm."""
+    _open_clip_blocks(visual)
     counts = keep.sum(1)
     if not bool((counts == counts[0]).all()):
         raise ValueError("every image must keep the same number of tokens")

@@ -1,0 +1,84 @@
+"""DetailCLIP's trainable parts beside the CLIP model: the projection head shared by the CLS and
+patch tokens, and the one-block decoder that fills the removed tokens with a mask token.
+
+    head(x)    = W_last · normalise(MLP(x)),  MLP: width → hidden → hidden → bottleneck (GELU),
+                 W_last bottleneck → out without bias, each row's norm fixed at 1 (DINO's head)
+    decoder(z) = norm(block(scatter(embed(z), mask token at removed positions) + sin-cos positions))
+    pixels     = linear(decoder output of each patch token) → patch·patch·3 values
+
+Widths are ViT-B's (768 → 2048 → 2048 → 256 → 8192) scaled by the tower's width / 768 unless given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from timm.layers import build_sincos2d_pos_embed
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+VIT_B_WIDTH = 768
+VIT_B_HEAD = {"hidden": 2048, "bottleneck": 256, "out_dim": 8192}
+
+
+class DetailCLIPHead(nn.Module):
+    """MLP in → hidden → hidden → bottleneck (GELU), L2-normalise, then a weight-normalised linear
+    bottleneck → out without bias whose direction is learnt and norm fixed at 1 (DINO's head;
+    768 → 2048 → 2048 → 256 → 8192 for ViT-B). Shared by the CLS and the patch tokens."""
+
+    def __init__(self, in_dim: int, hidden: int = 2048, bottleneck: int = 256, out_dim: int = 8192) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+        self.last.parametrizations.weight.original0.data.fill_(1.0)
+        self.last.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+class MaskedDecoder(nn.Module):
+    """One transformer block over the encoder's output with a learnt mask token at every removed
+    position (MAE's decoder, depth 1, at the encoder's width), and the pixel predictor."""
+
+    def __init__(self, width: int, heads: int, grid: tuple[int, int], patch: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(width, width)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        positions = build_sincos2d_pos_embed(list(grid), dim=width)  # (h·w, width), fixed
+        self.register_buffer("pos_embed", torch.cat([torch.zeros(1, width), positions])[None], persistent=False)
+        self.block = ResidualAttentionBlock(width, heads, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.pixels = nn.Linear(width, patch * patch * 3)
+
+    def forward(self, latent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1 + K, width): CLS and the kept tokens in index order; keep (B, N) bool with K
+        True per row. Returns (B, 1 + N, width)."""
+        x = self.embed(latent)
+        b, n, width = keep.shape[0], keep.shape[1], x.shape[-1]
+        full = self.mask_token.to(x.dtype).expand(b, n, width)
+        full = full.masked_scatter(keep[..., None].expand(b, n, width), x[:, 1:])
+        x = torch.cat([x[:, :1], full], dim=1) + self.pos_embed.to(x.dtype)
+        return self.norm(self.block(x))
+
+
+def scaled_width(value: int | None, base: int, width: int) -> int:
+    """``value``, or ViT-B's ``base`` scaled by width / 768 (a multiple of 8, at least 8)."""
+    if value is not None:
+        return int(value)
+    return max(8, round(base * width / VIT_B_WIDTH / 8) * 8)
+
+
+class DetailCLIPHeads(nn.Module):
+    """The head and the decoder, sized from the image tower."""
+
+    def __init__(self, width: int, heads: int, grid: tuple[int, int], patch: int, hidden: int | None = None,
+                 bottleneck: int | None = None, out_dim: int | None = None, decoder_heads: int | None = None) -> None:
+        super().__init__()
+        self.head = DetailCLIPHead(width, scaled_width(hidden, VIT_B_HEAD["hidden"], width),
+                                   scaled_width(bottleneck, VIT_B_HEAD["bottleneck"], width),
+                                   scaled_width(out_dim, VIT_B_HEAD["out_dim"], width))
+        self.decoder = MaskedDecoder(width, decoder_heads or heads, grid, patch)
