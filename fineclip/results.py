@@ -29,6 +29,8 @@ COLUMNS = (  # (key, header, format)
     ("box/stuff_top1", "stuff top-1", "{:.1f}"),
     ("retrieval/i2t_r1", "I2T R@1", "{:.1f}"),
     ("retrieval/t2i_r1", "T2I R@1", "{:.1f}"),
+    ("seg/linear_probe_miou", "probe mIoU", "{:.1f}"),
+    ("seg/zero_shot_miou", "zero-shot mIoU", "{:.1f}"),
     ("epoch_time_s", "time/epoch (s)", "{:.0f}"),
     ("peak_memory_gb", "peak mem (GB)", "{:.2f}"),
 )

@@ -61,3 +61,46 @@ def test_kept_token_pass_equals_the_full_pass_with_removed_tokens_masked_out(tin
             full = visual.transformer(visual._embeds(pixels[b : b + 1]), attn_mask=mask)[0]
             kept_rows = torch.cat([torch.tensor([True]), keep[b]])
             torch.testing.assert_close(short[b], full[kept_rows], rtol=1e-5, atol=1e-5)
+
+
+def _tiny_eva():
+    from fineclip.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("fineclip-tiny-eva", freeze_text=False).eval()
+
+
+def test_eva_cls_attention_equals_timms_own_softmax_with_rotary_embeddings():
+    from fineclip.models.attention import eva_tokens_and_cls_attention
+
+    trunk = _tiny_eva().clip.visual.trunk
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    weights = []
+    for block in trunk.blocks:  # timm's unfused path applies attn_drop to the softmax: capture it there
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(lambda _m, _i, out: weights.append(out))
+    with torch.no_grad():
+        reference_tokens = trunk.forward_features(pixels)
+    expected = torch.stack([w[:, :, 0, 1:].mean(1) for w in weights]).mean(0).reshape(2, 4, 4)
+    tokens, got = eva_tokens_and_cls_attention(trunk, pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(trunk.norm(tokens), reference_tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_eva_kept_token_pass_equals_the_full_pass_with_removed_tokens_masked_out():
+    from fineclip.models.attention import eva_kept_tokens
+
+    trunk = _tiny_eva().clip.visual.trunk
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randn(2, 3, 56, 56, generator=g)
+    keep = torch.zeros(2, 16, dtype=torch.bool)
+    for b in range(2):
+        keep[b, torch.randperm(16, generator=g)[:7]] = True
+    with torch.no_grad():
+        short = eva_kept_tokens(trunk, pixels, keep)
+        for b in range(2):
+            removed = torch.cat([torch.tensor([False]), ~keep[b]])
+            mask = torch.zeros(17, 17).masked_fill(removed[None, :], float("-inf"))
+            full = trunk.forward_features(pixels[b : b + 1], attn_mask=mask)[0]
+            kept_rows = torch.cat([torch.tensor([True]), keep[b]])
+            torch.testing.assert_close(trunk.norm(short[b]), full[kept_rows], rtol=1e-5, atol=1e-5)

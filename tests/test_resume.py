@@ -69,6 +69,29 @@ def test_sigkill_mid_epoch_then_resume_auto_is_exact(tmp_path, reference_run):
     assert steps[-1] == 24
 
 
+def test_sigkill_then_resume_is_exact_with_detailclips_teacher_centres_and_schedule(tmp_path):
+    """DetailCLIP keeps state outside the model: the EMA teacher, the centres, the epoch's
+    temperatures and the per-(epoch, image) views; a resumed run ends where an uninterrupted one does."""
+    detail = ["method=detailclip", "trainer.epochs=2"]
+    reference = tmp_path / "reference"
+    done = subprocess.run(_cmd(tmp_path, reference, *detail), env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(_cmd(tmp_path, run_dir, *detail), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    _wait_for(run_dir / "checkpoints" / "step_00000010.pt", process)  # in epoch 2: the patch τ has changed
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    done = subprocess.run(_cmd(tmp_path, run_dir, *detail, "trainer.resume=auto"), env=ENV, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout + done.stderr
+    _assert_same_weights(_weights(run_dir), _weights(reference))
+    teachers = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["teacher"] for d in (run_dir, reference)]
+    _assert_same_weights(teachers[0]["model"], teachers[1]["model"])
+    assert torch.equal(teachers[0]["centers"], teachers[1]["centers"])
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, reference_run):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(_cmd(tmp_path, run_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

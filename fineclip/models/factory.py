@@ -82,8 +82,13 @@ def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> None:
 
 def load_model_weights(model: FineCLIPModel, state: dict, source: str | Path) -> None:
     """A fineclip model state dict into ``model``, which may be built at another image size
-    (position embeddings interpolated bicubically)."""
-    _load_into(model.clip, {k.removeprefix("clip."): v for k, v in state.items()}, source)
+    (position embeddings interpolated bicubically). DetailCLIP's head and decoder (``detail.*``) are
+    loaded when the model has them and left out otherwise (only training uses them)."""
+    _load_into(model.clip, {k.removeprefix("clip."): v for k, v in state.items() if not k.startswith("detail.")},
+               source)
+    detail = {k.removeprefix("detail."): v for k, v in state.items() if k.startswith("detail.")}
+    if detail and model.detail is not None:
+        model.detail.load_state_dict(detail)
     model.text_cache.clear()
 
 

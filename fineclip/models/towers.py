@@ -16,7 +16,12 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fineclip.models.attention import encode_kept_tokens, tokens_and_cls_attention
+from fineclip.models.attention import (
+    encode_kept_tokens,
+    eva_kept_tokens,
+    eva_tokens_and_cls_attention,
+    tokens_and_cls_attention,
+)
 
 
 def identity_attention_mask(num_tokens: int, device, dtype) -> torch.Tensor:
@@ -55,7 +60,7 @@ class TowerAdapter:
         """Final norm + projection of every patch token (prefix tokens dropped): (B, N, D)."""
         raise NotImplementedError
 
-    # -- DetailCLIP's passes (open_clip ViT towers) ----------------------------------------------
+    # -- DetailCLIP's passes ------------------------------------------------------------------------
     width: int
     heads: int
 
@@ -126,6 +131,8 @@ class TimmEvaAdapter(TowerAdapter):
             raise ValueError("depth-dependent (mixed) rotary embeddings are not supported")
         self.visual = visual
         self.patch_size = tuple(trunk.patch_embed.patch_size)
+        self.width = trunk.embed_dim
+        self.heads = trunk.blocks[0].attn.num_heads
 
     def trunk(self, images):
         trunk = self.visual.trunk
@@ -153,6 +160,15 @@ class TimmEvaAdapter(TowerAdapter):
         trunk = self.visual.trunk
         tokens = trunk.norm(x)[:, trunk.num_prefix_tokens :]
         return self.visual.head(trunk.head(trunk.fc_norm(tokens)))
+
+    def final_norm(self, x):
+        return self.visual.trunk.norm(x)
+
+    def tokens_and_cls_attention(self, pixels):
+        return eva_tokens_and_cls_attention(self.visual.trunk, pixels)
+
+    def kept_tokens(self, pixels, keep):
+        return eva_kept_tokens(self.visual.trunk, pixels, keep)
 
 
 def make_tower_adapter(visual: nn.Module) -> TowerAdapter:
