@@ -85,3 +85,45 @@ def test_head_output_layer_has_unit_norm_rows_on_a_normalised_bottleneck():
     z = torch.nn.functional.normalize(head.mlp(x), dim=-1)
     torch.testing.assert_close(head(x), z @ (head.last.weight).t())
     assert not head.last.parametrizations.weight.original0.requires_grad
+
+
+def test_detailclip_loss_over_features_equals_its_four_terms_written_out():
+    from fineclip.losses import DetailCLIPLoss
+
+    g = torch.Generator().manual_seed(3)
+    V, B, D, K, R, N = 2, 3, 4, 5, 2, 4
+    f64 = {"dtype": torch.float64, "generator": g}
+    features = {
+        "view_emb": torch.nn.functional.normalize(torch.randn(V, B, D, **f64), dim=-1),
+        "text_emb": torch.nn.functional.normalize(torch.randn(B, D, **f64), dim=-1),
+        "logit_scale": torch.tensor(7.0, dtype=torch.float64),
+        "student_cls": torch.randn(V, B, K, **f64), "teacher_cls": torch.randn(V, B, K, **f64),
+        "student_patch": torch.randn(V * B, R, K, **f64), "teacher_patch": torch.randn(V * B, R, K, **f64),
+        "centers": torch.randn(2, K, **f64), "teacher_temperature": torch.tensor([0.04, 0.07], dtype=torch.float64),
+        "rec_pred": torch.randn(V * B, N, 12, **f64), "views": torch.rand(V * B, 3, 4, 4, **f64),
+        "keep": torch.tensor([[True, False, True, False]] * (V * B)),
+    }
+    total, parts = DetailCLIPLoss()(features)
+
+    def log_softmax_row(row):
+        top = max(row)
+        norm = top + math.log(sum(math.exp(x - top) for x in row))
+        return [x - norm for x in row]
+
+    s = 7.0
+    clip = 0.0
+    for v in range(V):
+        img, txt = features["view_emb"][v].tolist(), features["text_emb"].tolist()
+        sim = [[s * sum(a * b for a, b in zip(img[i], txt[j], strict=True)) for j in range(B)] for i in range(B)]
+        i2t = -sum(log_softmax_row(sim[i])[i] for i in range(B)) / B
+        t2i = -sum(log_softmax_row([sim[j][i] for j in range(B)])[i] for i in range(B)) / B
+        clip += (i2t + t2i) / 2 / V
+    c_cls, c_patch = features["centers"]
+    cls = sum(_cross_entropy(features["teacher_cls"][v, b], c_cls, 0.04, features["student_cls"][u, b], 0.1)
+              for u, v in [(0, 1), (1, 0)] for b in range(B)) / (2 * B)
+    patch = sum(_cross_entropy(features["teacher_patch"][r, n], c_patch, 0.07, features["student_patch"][r, n], 0.1)
+                for r in range(V * B) for n in range(R)) / (V * B * R)
+    rec = reconstruction_loss(features["rec_pred"], features["views"], ~features["keep"], patch=2).item()
+    for name, expected in (("clip", clip), ("cls", cls), ("patch", patch), ("rec", rec)):
+        assert abs(parts[name].item() - expected) < 1e-9, name
+    assert abs(total.item() - (clip + cls + patch + rec)) < 1e-9

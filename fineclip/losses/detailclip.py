@@ -133,7 +133,8 @@ class MaskedReconstruction(nn.Module):
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         pred = features["rec_pred"]
         patch = round((pred.shape[-1] / 3) ** 0.5)
-        return reconstruction_loss(pred.float(), features["views"].float(), ~features["keep"], patch)
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # at least fp32 under autocast
+        return reconstruction_loss(pred.to(dtype), features["views"].to(dtype), ~features["keep"], patch)
 
 
 class DetailCLIPLoss(CompositeLoss):
