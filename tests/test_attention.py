@@ -44,23 +44,30 @@ def test_kept_tokens_keep_the_top_cells_of_the_pooled_map():
         assert torch.equal(mask[b], expected.flatten())
 
 
+def _check_kept_pass(short_pass, full_pass, size, tokens, kept, seed):
+    """``short_pass(pixels, keep)`` on the kept tokens equals, on CLS and the kept rows,
+    ``full_pass(pixels, mask)`` over the whole sequence with every query barred from the removed keys."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(2, 3, size, size, generator=g)
+    keep = torch.zeros(2, tokens, dtype=torch.bool)
+    for b in range(2):
+        keep[b, torch.randperm(tokens, generator=g)[:kept]] = True
+    with torch.no_grad():
+        short = short_pass(pixels, keep)
+        for b in range(2):
+            removed = torch.cat([torch.tensor([False]), ~keep[b]])
+            mask = torch.zeros(tokens + 1, tokens + 1).masked_fill(removed[None, :], float("-inf"))
+            full = full_pass(pixels[b : b + 1], mask)[0]
+            kept_rows = torch.cat([torch.tensor([True]), keep[b]])
+            torch.testing.assert_close(short[b], full[kept_rows], rtol=1e-5, atol=1e-5)
+
+
 def test_kept_token_pass_equals_the_full_pass_with_removed_tokens_masked_out(tiny_model):
     from fineclip.models.attention import encode_kept_tokens
 
     visual = tiny_model.clip.visual
-    g = torch.Generator().manual_seed(3)
-    pixels = torch.randn(2, 3, 64, 64, generator=g)
-    keep = torch.zeros(2, 64, dtype=torch.bool)
-    for b in range(2):
-        keep[b, torch.randperm(64, generator=g)[:20]] = True
-    with torch.no_grad():
-        short = encode_kept_tokens(visual, pixels, keep)
-        for b in range(2):  # the whole sequence, every query barred from the removed keys
-            removed = torch.cat([torch.tensor([False]), ~keep[b]])
-            mask = torch.zeros(65, 65).masked_fill(removed[None, :], float("-inf"))
-            full = visual.transformer(visual._embeds(pixels[b : b + 1]), attn_mask=mask)[0]
-            kept_rows = torch.cat([torch.tensor([True]), keep[b]])
-            torch.testing.assert_close(short[b], full[kept_rows], rtol=1e-5, atol=1e-5)
+    _check_kept_pass(lambda x, keep: encode_kept_tokens(visual, x, keep),
+                     lambda x, mask: visual.transformer(visual._embeds(x), attn_mask=mask), 64, 64, 20, seed=3)
 
 
 def _tiny_eva():
@@ -91,16 +98,5 @@ def test_eva_kept_token_pass_equals_the_full_pass_with_removed_tokens_masked_out
     from fineclip.models.attention import eva_kept_tokens
 
     trunk = _tiny_eva().clip.visual.trunk
-    g = torch.Generator().manual_seed(5)
-    pixels = torch.randn(2, 3, 56, 56, generator=g)
-    keep = torch.zeros(2, 16, dtype=torch.bool)
-    for b in range(2):
-        keep[b, torch.randperm(16, generator=g)[:7]] = True
-    with torch.no_grad():
-        short = eva_kept_tokens(trunk, pixels, keep)
-        for b in range(2):
-            removed = torch.cat([torch.tensor([False]), ~keep[b]])
-            mask = torch.zeros(17, 17).masked_fill(removed[None, :], float("-inf"))
-            full = trunk.forward_features(pixels[b : b + 1], attn_mask=mask)[0]
-            kept_rows = torch.cat([torch.tensor([True]), keep[b]])
-            torch.testing.assert_close(trunk.norm(short[b]), full[kept_rows], rtol=1e-5, atol=1e-5)
+    _check_kept_pass(lambda x, keep: trunk.norm(eva_kept_tokens(trunk, x, keep)),
+                     lambda x, mask: trunk.forward_features(x, attn_mask=mask), 56, 16, 7, seed=5)
