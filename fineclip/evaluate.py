@@ -49,7 +49,12 @@ def run(cfg: DictConfig) -> dict:
     from fineclip.engine.trainer import seed_everything
     from fineclip.eval import format_metrics
     from fineclip.eval.protocols import box_protocol, dense_image_size
-    from fineclip.eval.runner import build_eval_set, describe_eval_set, evaluate_from_config
+    from fineclip.eval.runner import (
+        build_eval_set,
+        describe_eval_set,
+        evaluate_from_config,
+        segmentation_from_config,
+    )
 
     check_config(cfg)
     seed_everything(cfg.seed)
@@ -62,10 +67,14 @@ def run(cfg: DictConfig) -> dict:
     if size and size != model.image_size[0]:  # e.g. box_cs: the dense pass at 1024 px, crops at the model's size
         dense_model, crop_model = at_image_size(model, model_cfg, size).to(device), model
     dataset = build_eval_set(cfg, dense_model.image_size[0], patch, crop_size=model.image_size[0])
-    if dataset is None:
+    if dataset is not None:
+        metrics = evaluate_from_config(dense_model, dataset, cfg, device, crop_model=crop_model)
+        print(f"evaluation ({len(dataset)} images of {describe_eval_set(cfg)}):\n{format_metrics(metrics)}")
+    elif cfg.data.get("segmentation"):  # a segmentation-only data set (ADE20K)
+        metrics = segmentation_from_config(model, cfg, device)
+        print(f"evaluation of {cfg.data.name}:\n{format_metrics(metrics)}")
+    else:
         raise ConfigError(f"data={cfg.data.get('name', '?')} has no val split to evaluate")
-    metrics = evaluate_from_config(dense_model, dataset, cfg, device, crop_model=crop_model)
-    print(f"evaluation ({len(dataset)} images of {describe_eval_set(cfg)}):\n{format_metrics(metrics)}")
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -8,6 +8,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from fineclip.data import AnnotationError
+from fineclip.eval.prompts import DEFAULT_TEMPLATES
 from fineclip.eval.segmentation import (
     IGNORE,
     SegmentationSet,
@@ -15,6 +16,7 @@ from fineclip.eval.segmentation import (
     dense_features,
     linear_probe_miou,
     mean_iou,
+    segmentation_metrics,
     zero_shot_miou,
 )
 
@@ -80,12 +82,19 @@ def test_synthetic_label_maps_are_the_instance_masks(synthetic_root):
         np.testing.assert_array_equal(label.numpy(), expected)
 
 
-def test_ade20k_layout_reduces_label_zero_to_ignore(tmp_path):
+def _ade20k_root(tmp_path, splits=("validation",)):
+    """The released layout with its 150-row class table; no images yet."""
     root = tmp_path / "ADEChallengeData2016"
-    (root / "images" / "validation").mkdir(parents=True)
-    (root / "annotations" / "validation").mkdir(parents=True)
+    for split in splits:
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
     lines = ["Idx\tRatio\tTrain\tVal\tName"] + [f"{i}\t0.1\t1\t1\tname{i};alias" for i in range(1, 151)]
     (root / "objectInfo150.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_ade20k_layout_reduces_label_zero_to_ignore(tmp_path):
+    root = _ade20k_root(tmp_path)
     Image.new("RGB", (8, 6), (10, 20, 30)).save(root / "images" / "validation" / "ADE_val_1.jpg")
     raw = np.array([[0, 1, 2, 150]] * 6, dtype=np.uint8).repeat(2, axis=1)
     Image.fromarray(raw).save(root / "annotations" / "validation" / "ADE_val_1.png")
@@ -126,3 +135,32 @@ def test_training_evaluates_segmentation_when_asked(tmp_path, synthetic_root):
     metrics = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert metrics["seg/images"] == 8
     assert 0 <= metrics["seg/zero_shot_miou"] <= 100 and 0 <= metrics["seg/linear_probe_miou"] <= 100
+
+
+def test_evaluate_data_ade20k_segments_without_boxes_or_captions(tmp_path):
+    """`python -m fineclip.evaluate data=ade20k`: the segmentation-only data set is scored with the
+    numbers ``segmentation_metrics`` gives for the same model and folders."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from fineclip.cli import CONFIG_DIR
+    from fineclip.engine.trainer import seed_everything
+    from fineclip.evaluate import run
+
+    root = _ade20k_root(tmp_path, ("training", "validation"))
+    rng = np.random.default_rng(0)
+    for split, count in (("training", 6), ("validation", 3)):
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"ADE_{split}_{i}.jpg")
+            Image.fromarray(rng.integers(0, 6, (40, 48), dtype=np.uint8)).save(
+                root / "annotations" / split / f"ADE_{split}_{i}.png")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            "data=ade20k", f"data.root={root}", "eval.probe_steps=5", "data.num_workers=0"])
+    metrics = run(cfg)
+    seed_everything(cfg.seed)
+    model = instantiate(cfg.model)
+    expected = segmentation_metrics(model, cfg.data.segmentation, list(DEFAULT_TEMPLATES), probe_steps=5)
+    assert metrics == pytest.approx(expected) and metrics["seg/images"] == 3
+    assert set(metrics) == {"seg/images", "seg/zero_shot_miou", "seg/linear_probe_miou"}

@@ -234,6 +234,18 @@ def describe_eval_set(cfg: DictConfig) -> str:
     return str(val.get("_target_"))
 
 
+def segmentation_from_config(model: FineCLIPModel, cfg: DictConfig, device) -> dict[str, float]:
+    """Zero-shot and linear-probe mIoU on the evaluated data config's ``segmentation`` section."""
+    source = evaluation_source(cfg)
+    seg_cfg = source.get("segmentation")
+    if not seg_cfg:
+        raise ProtocolError("eval.segmentation=true needs a data config with a `segmentation` section "
+                            "(data=synthetic and data=ade20k have one)")
+    templates = cfg.eval.get("templates") or source.get("templates") or DEFAULT_TEMPLATES
+    return segmentation_metrics(model, seg_cfg, list(templates), cfg.eval.batch_size, device,
+                                probe_steps=int(cfg.eval.get("probe_steps", 500)))
+
+
 def evaluate_from_config(
     model: FineCLIPModel, dataset: RegionCaptionDataset, cfg: DictConfig, device, progress: bool = True,
     crop_model: FineCLIPModel | None = None,
@@ -250,12 +262,7 @@ def evaluate_from_config(
         retrieval=retrieval_protocol(cfg).name, crop_model=crop_model,
     )
     if cfg.eval.get("segmentation"):
-        seg_cfg = evaluation_source(cfg).get("segmentation")
-        if not seg_cfg:
-            raise ProtocolError("eval.segmentation=true needs a data config with a `segmentation` section "
-                                "(data=synthetic has one)")
-        metrics.update(segmentation_metrics(model, seg_cfg, list(templates), cfg.eval.batch_size, device,
-                                            probe_steps=int(cfg.eval.get("probe_steps", 500))))
+        metrics.update(segmentation_from_config(model, cfg, device))
     if cfg.eval.get("zeroshot_root"):
         zeroshot_templates = list(cfg.eval.get("zeroshot_templates") or DEFAULT_TEMPLATES)
         metrics.update(zero_shot_classification(model, cfg.eval.zeroshot_root, zeroshot_templates,
