@@ -26,7 +26,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-VERSION = 6  # bump when the output for a given seed changes
+from fineclip.annotate.rules import rule_caption
+
+VERSION = 7  # bump when the output for a given seed changes
 SHAPES = (
     "circle", "square", "triangle", "cross", "star", "diamond",
     "hexagon", "ring", "heart", "crescent", "arrow", "pentagon",
@@ -75,13 +77,13 @@ class SceneObject:
         texture = "" if self.texture == "solid" else f"{self.texture} "
         return f"a {self.colour} {texture}{self.shape}"
 
-    def region_caption(self, rng: random.Random) -> str:
-        """What a captioner says about the crop: the shape with some of its size, texture and colour
-        (captioners vary in how much detail they give), never the class name alone."""
+    def region_details(self, rng: random.Random) -> list[str]:
+        """The words a captioner says about the crop besides the shape: some of its size, texture and
+        colour (captioners vary in how much detail they give), never the class name alone. The
+        region caption is ``rule_caption(shape, details)``, and the annotation keeps the details as
+        its ``attributes``."""
         details = [d for d in (self.size, self.texture, self.colour) if rng.random() < 0.6]
-        if not details:
-            details = [self.colour]
-        return f"a {' '.join(details)} {self.shape}"
+        return details or [self.colour]
 
 
 def _iou(a, b) -> float:
@@ -263,6 +265,7 @@ def write_split(out: Path, split: str, count: int, size: int, seed: int) -> Path
         for obj, mask in zip(objects, masks, strict=True):
             if not mask.any():  # hidden by the objects drawn over it
                 continue
+            details = obj.region_details(rng)
             rle = encode_mask(mask)
             x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))  # the visible pixels, as COCO's boxes
             annotations.append(
@@ -274,7 +277,8 @@ def write_split(out: Path, split: str, count: int, size: int, seed: int) -> Path
                     "area": float(mask.sum()),
                     "segmentation": rle,
                     "iscrowd": 0,
-                    "caption": obj.region_caption(rng),
+                    "caption": rule_caption(obj.shape, details),
+                    "attributes": details,
                 }
             )
     ann_path = out / f"{split}.json"

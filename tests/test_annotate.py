@@ -1,0 +1,162 @@
+"""The annotation pipeline (python -m fineclip.annotate) on synthetic scenes: the rule captioner gives
+back the generator's region captions, workers and resumed runs merge to the same file, bad images
+are reported, the output trains to the numbers of the generator's own file, model proposers follow
+their class-agnostic rule."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from fineclip.annotate.proposers import class_agnostic
+
+ROOT_ARGS = ["progress=false", "filters.drop_duplicates=false"]
+
+
+def _annotate(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fineclip.annotate", *ROOT_ARGS, *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_gt_and_rule_give_back_the_generators_region_captions(tmp_path, synthetic_root):
+    out = tmp_path / "regions.json"
+    done = _annotate(f"images={synthetic_root / 'train.json'}", f"out={out}", "shard_size=5", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    source, written = _json(synthetic_root / "train.json"), _json(out)
+    assert [im["id"] for im in written["images"]] == [im["id"] for im in source["images"]]
+    assert written["captions"] == source["captions"] and written["categories"] == source["categories"]
+    assert len(written["annotations"]) == len(source["annotations"])
+    names = {c["id"]: c["name"] for c in source["categories"]}
+    for a, b in zip(source["annotations"], written["annotations"], strict=True):
+        assert (b["image_id"], b["bbox"], b["category_id"], b["caption"]) == (
+            a["image_id"], a["bbox"], a["category_id"], a["caption"])
+        assert b["caption"].endswith(names[b["category_id"]])  # the class of every region
+        assert b["proposal"] == {"source": "gt", "score": 1.0} and b["captioner"] == {"name": "rule"}
+    report = _json(tmp_path / "regions.json.report.json")
+    assert report["regions"]["written"] == len(source["annotations"]) and report["images"]["unreadable"] == 0
+    assert "regions per image" in done.stdout
+
+
+def test_two_workers_and_a_resumed_run_merge_to_the_one_process_file(tmp_path, synthetic_root):
+    images = f"images={synthetic_root / 'train.json'}"
+    one = tmp_path / "one.json"
+    assert _annotate(images, f"out={one}", "shard_size=4", cwd=tmp_path).returncode == 0
+    two = tmp_path / "two.json"
+    for index in (1, 0):
+        done = _annotate(images, f"out={two}", "shard_size=4", f"worker.index={index}", "worker.count=2",
+                         cwd=tmp_path)
+        assert done.returncode == 0 and "merge_only=true" in done.stdout, done.stderr[-2000:]
+    assert not two.exists()
+    assert _annotate(images, f"out={two}", "shard_size=4", "merge_only=true", cwd=tmp_path).returncode == 0
+    assert _json(two) == _json(one)
+    # a run that stopped after some shards: the rest are made, the written ones are not redone
+    shards = sorted((tmp_path / "one.json.shards").glob("shard_*.json"))
+    kept = shards[1].stat().st_mtime_ns
+    for shard in shards[2:]:
+        shard.unlink()
+    one.unlink()
+    done = _annotate(images, f"out={one}", "shard_size=4", cwd=tmp_path)
+    assert done.returncode == 0 and "resuming" in done.stdout + done.stderr
+    assert shards[1].stat().st_mtime_ns == kept and _json(one) == _json(two)
+    # shards of another configuration are not mixed in
+    done = _annotate(images, f"out={one}", "shard_size=4", "filters.min_box_area=500", cwd=tmp_path)
+    assert done.returncode == 1 and "another configuration" in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+
+def test_unreadable_images_are_counted_and_named(tmp_path, synthetic_root):
+    source = _json(synthetic_root / "train.json")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    source["images"].append({"id": 999, "file_name": str(tmp_path / "broken.png"), "width": 64, "height": 64})
+    (tmp_path / "with_bad.json").write_text(json.dumps(source))
+    out = tmp_path / "out.json"
+    done = _annotate(f"images={tmp_path / 'with_bad.json'}", f"image_root={synthetic_root}", f"out={out}",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = _json(tmp_path / "out.json.report.json")
+    assert report["images"] == {"source": 25, "written": 24, "unreadable": 1}
+    assert list(report["unreadable_images"]) == [str(tmp_path / "broken.png")]
+    assert "unreadable: " in done.stdout and 999 not in [im["id"] for im in _json(out)["images"]]
+
+
+def test_a_folder_of_images_with_boxes_from_a_file(tmp_path, synthetic_root):
+    proposals = [{"image_id": 2, "bbox": [4, 4, 30, 30], "score": 0.9}, {"image_id": 2, "bbox": [0, 0, 5, 5],
+                                                                        "score": 0.8},
+                 {"image_id": 1, "bbox": [10, 10, 20, 20], "score": 0.1}]
+    (tmp_path / "proposals.json").write_text(json.dumps(proposals))
+    out = tmp_path / "out.json"
+    done = _annotate(f"images={synthetic_root / 'train'}", f"out={out}", "proposals=file",
+                     f"proposals.path={tmp_path / 'proposals.json'}", "proposals.min_score=0.5", "captioner=none",
+                     "filters.require_caption=false", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = _json(out)
+    files = sorted(p.name for p in (synthetic_root / "train").iterdir())
+    assert [im["file_name"] for im in written["images"]] == files  # ids 1..N in sorted order
+    assert [(a["image_id"], a["bbox"]) for a in written["annotations"]] == [(2, [4.0, 4.0, 30.0, 30.0])]
+    assert written["annotations"][0]["proposal"] == {"source": "file:proposals.json", "score": 0.9}
+    assert _json(tmp_path / "out.json.report.json")["regions"]["dropped"] == {"small_box": 1}
+
+
+def test_rule_captioner_without_classes_is_a_clear_error(tmp_path, synthetic_root):
+    done = _annotate(f"images={synthetic_root / 'train'}", f"out={tmp_path / 'o.json'}", cwd=tmp_path)
+    assert done.returncode == 1 and "captioner=rule" in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+
+def test_regenerated_data_trains_to_the_generators_numbers(tmp_path, synthetic_root):
+    out = tmp_path / "regions.json"
+    assert _annotate(f"images={synthetic_root / 'train.json'}", f"out={out}", cwd=tmp_path).returncode == 0
+    common = [f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8", "data.batch_size=8",
+              "trainer.epochs=1", "trainer.progress=false", "trainer.tensorboard=false"]
+    metrics = []
+    for name, train_file in (("generator", synthetic_root / "train.json"), ("annotated", out)):
+        run_dir = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "fineclip.train", *common, f"data.train.ann_file={train_file}",
+                               f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics.append(_json(run_dir / "eval.json"))
+    assert metrics[0] == metrics[1]
+
+
+def test_class_agnostic_filter_equals_a_loop_over_its_rules():
+    g = torch.Generator().manual_seed(0)
+    corners = torch.rand(40, 2, generator=g) * 50
+    boxes = torch.cat([corners, corners + 2 + torch.rand(40, 2, generator=g) * 30], dim=1)
+    scores = torch.rand(40, generator=g)
+    got_boxes, got_scores = class_agnostic(boxes, scores, 0.2, 0.5, 100.0, 5)
+    order = [i for i in scores.argsort(descending=True).tolist() if scores[i] >= 0.2]
+    kept = []
+    for i in order:  # greedy NMS over all boxes, then the area floor, then the best five
+        if all(box_iou(boxes[i : i + 1], boxes[j : j + 1]).item() <= 0.5 for j in kept):
+            kept.append(i)
+    kept = [i for i in kept if (boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1]) >= 100][:5]
+    assert torch.equal(got_boxes, boxes[kept]) and torch.equal(got_scores, scores[kept])
+
+
+def test_a_torchvision_detector_from_a_local_checkpoint_proposes_boxes(tmp_path, synthetic_root):
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    torch.manual_seed(0)
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=5)
+    torch.save(model.state_dict(), tmp_path / "detector.pt")
+    out = tmp_path / "out.json"
+    done = _annotate(f"images={synthetic_root / 'train.json'}", f"out={out}", "proposals=detector",
+                     f"proposals.checkpoint={tmp_path / 'detector.pt'}", "proposals.num_classes=5",
+                     "proposals.architecture=fasterrcnn_mobilenet_v3_large_320_fpn", "proposals.score_threshold=0.0",
+                     "proposals.min_area=0", "captioner=none", "filters.require_caption=false",
+                     "filters.min_box_area=0", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = _json(out)
+    assert written["annotations"], "a random-weight detector with no score floor proposes something"
+    per_image = {}
+    for a in written["annotations"]:
+        assert a["proposal"]["source"] == "detector:fasterrcnn_mobilenet_v3_large_320_fpn"
+        assert a["category_id"] == 0 and 0 <= a["bbox"][0] and a["bbox"][0] + a["bbox"][2] <= 64 + 1e-3
+        per_image.setdefault(a["image_id"], []).append(a["proposal"]["score"])
+    assert all(len(s) <= 20 and s == sorted(s, reverse=True) for s in per_image.values())
+    assert {"id": 0, "name": "region", "supercategory": "region"} in written["categories"]
