@@ -80,8 +80,10 @@ def test_released_proposals_are_matched_to_the_keys(tmp_path, synthetic_root):
 
 def test_released_retrieval_list(tmp_path, synthetic_root):
     data = json.loads((synthetic_root / "val.json").read_text())
-    items = [{"image": im["file_name"],
-              "caption": [c["caption"] for c in data["captions"] if c["image_id"] == im["id"]]} for im in data["images"]]
+    texts = {}
+    for c in data["captions"]:
+        texts.setdefault(c["image_id"], []).append(c["caption"])
+    items = [{"image": im["file_name"], "caption": texts[im["id"]]} for im in data["images"]]
     (tmp_path / "test.json").write_text(json.dumps(items))
     result, counts = retrieval_list(tmp_path / "test.json", synthetic_root)
     assert [im["file_name"] for im in result["images"]] == [im["file_name"] for im in data["images"]]
