@@ -4,6 +4,7 @@ are reported, the output trains to the numbers of the generator's own file, mode
 their class-agnostic rule."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -49,10 +50,12 @@ def test_two_workers_and_a_resumed_run_merge_to_the_one_process_file(tmp_path, s
     one = tmp_path / "one.json"
     assert _annotate(images, f"out={one}", "shard_size=4", cwd=tmp_path).returncode == 0
     two = tmp_path / "two.json"
-    for index in (1, 0):
-        done = _annotate(images, f"out={two}", "shard_size=4", f"worker.index={index}", "worker.count=2",
-                         cwd=tmp_path)
+    for rank in (1, 0):  # as torchrun's two ranks would (RANK / WORLD_SIZE)
+        done = subprocess.run([sys.executable, "-m", "fineclip.annotate", *ROOT_ARGS, images, f"out={two}",
+                               "shard_size=4"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"})
         assert done.returncode == 0 and "merge_only=true" in done.stdout, done.stderr[-2000:]
+    assert len(list((tmp_path / "two.json.shards").glob("shard_*.json"))) == 6  # 24 images, 4 per shard
     assert not two.exists()
     assert _annotate(images, f"out={two}", "shard_size=4", "merge_only=true", cwd=tmp_path).returncode == 0
     assert _json(two) == _json(one)
@@ -256,3 +259,41 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, synthetic_root
     captions = [a["caption"] for a in _json(out)["annotations"]]
     assert captions and all(a["captioner"]["prompt"] == "Describe this image in one sentence."
                             for a in _json(out)["annotations"])
+
+
+def test_coco_instances_with_a_captions_file(tmp_path, synthetic_root):
+    data = _json(synthetic_root / "train.json")
+    instances = {k: data[k] for k in ("images", "annotations", "categories")}
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    (tmp_path / "captions.json").write_text(json.dumps({"images": data["images"], "annotations": data["captions"]}))
+    out = tmp_path / "out.json"
+    done = _annotate(f"images={tmp_path / 'instances.json'}", f"image_root={synthetic_root}",
+                     f"captions={tmp_path / 'captions.json'}", f"out={out}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _json(out)["captions"] == data["captions"]
+
+
+def test_a_transformers_detector_from_a_local_folder(tmp_path):
+    from PIL import Image
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    from fineclip.annotate.proposers import HFProposals
+
+    config = YolosConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         image_size=[64, 64], patch_size=16, num_detection_tokens=6, num_labels=3)
+    torch.manual_seed(0)
+    model = YolosForObjectDetection(config).eval()
+    model.save_pretrained(tmp_path)
+    processor = YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 64})
+    processor.save_pretrained(tmp_path)
+    images = [Image.new("RGB", (64, 48), (200, 10, 10)), Image.new("RGB", (40, 64), (10, 10, 200))]
+    got = HFProposals(str(tmp_path), score_threshold=0.0, nms_iou=0.9, min_area=0)([None, None], images)
+    with torch.no_grad():
+        outputs = model(**processor(images=images, return_tensors="pt"))
+    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(48, 64), (64, 40)])
+    for proposals, result in zip(got, results, strict=True):
+        boxes, scores = class_agnostic(result["boxes"], result["scores"], 0.0, 0.9, 0.0, 20)
+        assert [p.score for p in proposals] == pytest.approx(scores.tolist())
+        for p, (x1, y1, x2, y2) in zip(proposals, boxes.tolist(), strict=True):
+            assert p.bbox == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=1e-4)
+        assert proposals and all(p.source == f"hf:{tmp_path.name}" for p in proposals)

@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict | None:
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(cfg.out)
-    source = read_source(cfg.images, cfg.image_root)
+    source = read_source(cfg.images, cfg.image_root, cfg.captions)
     check_shard_config(out, cfg)
     info = {"description": f"fineclip.annotate of {cfg.images}", "proposals": cfg.proposals._target_.split(".")[-1],
             "captioner": cfg.captioner._target_.split(".")[-1]}

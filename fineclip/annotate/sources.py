@@ -38,10 +38,11 @@ class ImageSource:
     kind: str  # "folder" or "json"
 
 
-def read_source(images: str, image_root: str | None = None) -> ImageSource:
+def read_source(images: str, image_root: str | None = None, captions: str | None = None) -> ImageSource:
     """A folder of images, or a COCO-format json (``image_root``: the folder its ``file_name``\\ s are
     relative to; default the json's folder). Image captions are a fineclip ``captions`` list or, as in
-    COCO's captions files, annotations with a ``caption`` and no ``bbox``."""
+    COCO's captions files, annotations with a ``caption`` and no ``bbox``; ``captions``: another COCO
+    captions file whose captions are added (by image id)."""
     path = Path(images)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -71,6 +72,11 @@ def read_source(images: str, image_root: str | None = None) -> ImageSource:
                                               list(ann.get("attributes", []))))
         elif "caption" in ann:
             record.captions.append(ann["caption"])
+    if captions:
+        extra = read_annotation_json(Path(captions), required=("annotations",))
+        for ann in extra["annotations"]:
+            if ann.get("image_id") in by_id and str(ann.get("caption", "")).strip():
+                by_id[ann["image_id"]].captions.append(str(ann["caption"]).strip())
     return ImageSource(list(by_id.values()), list(data.get("categories", [])), root, "json")
 
 
