@@ -4,7 +4,6 @@ are reported, the output trains to the numbers of the generator's own file, mode
 their class-agnostic rule."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -26,6 +25,18 @@ def _json(path):
     return json.loads(path.read_text())
 
 
+def _run(*overrides):
+    """The command's run() in this process (a composed config, as the command line would give)."""
+    from hydra import compose, initialize_config_dir
+
+    from fineclip.annotate.__main__ import run
+    from fineclip.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="annotate", overrides=[*ROOT_ARGS, *overrides])
+    return run(cfg)
+
+
 def test_gt_and_rule_give_back_the_generators_region_captions(tmp_path, synthetic_root):
     out = tmp_path / "regions.json"
     done = _annotate(f"images={synthetic_root / 'train.json'}", f"out={out}", "shard_size=5", cwd=tmp_path)
@@ -45,19 +56,21 @@ def test_gt_and_rule_give_back_the_generators_region_captions(tmp_path, syntheti
     assert "regions per image" in done.stdout
 
 
-def test_two_workers_and_a_resumed_run_merge_to_the_one_process_file(tmp_path, synthetic_root):
+def test_two_workers_and_a_resumed_run_merge_to_the_one_process_file(tmp_path, synthetic_root, monkeypatch, caplog):
+    from fineclip.cli import ConfigError
+
     images = f"images={synthetic_root / 'train.json'}"
     one = tmp_path / "one.json"
-    assert _annotate(images, f"out={one}", "shard_size=4", cwd=tmp_path).returncode == 0
+    _run(images, f"out={one}", "shard_size=4")
     two = tmp_path / "two.json"
     for rank in (1, 0):  # as torchrun's two ranks would (RANK / WORLD_SIZE)
-        done = subprocess.run([sys.executable, "-m", "fineclip.annotate", *ROOT_ARGS, images, f"out={two}",
-                               "shard_size=4"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"})
-        assert done.returncode == 0 and "merge_only=true" in done.stdout, done.stderr[-2000:]
-    assert len(list((tmp_path / "two.json.shards").glob("shard_*.json"))) == 6  # 24 images, 4 per shard
-    assert not two.exists()
-    assert _annotate(images, f"out={two}", "shard_size=4", "merge_only=true", cwd=tmp_path).returncode == 0
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert _run(images, f"out={two}", "shard_size=4") is None  # a worker does not merge
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not two.exists() and len(list((tmp_path / "two.json.shards").glob("shard_*.json"))) == 6
+    _run(images, f"out={two}", "shard_size=4", "merge_only=true")
     assert _json(two) == _json(one)
     # a run that stopped after some shards: the rest are made, the written ones are not redone
     shards = sorted((tmp_path / "one.json.shards").glob("shard_*.json"))
@@ -65,13 +78,13 @@ def test_two_workers_and_a_resumed_run_merge_to_the_one_process_file(tmp_path, s
     for shard in shards[2:]:
         shard.unlink()
     one.unlink()
-    done = _annotate(images, f"out={one}", "shard_size=4", cwd=tmp_path)
-    assert done.returncode == 0 and "resuming" in done.stdout + done.stderr
+    with caplog.at_level("INFO"):
+        _run(images, f"out={one}", "shard_size=4")
+    assert "resuming: 2 of this worker's 6 shards are already written" in caplog.text
     assert shards[1].stat().st_mtime_ns == kept and _json(one) == _json(two)
     # shards of another configuration are not mixed in
-    done = _annotate(images, f"out={one}", "shard_size=4", "filters.min_box_area=500", cwd=tmp_path)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "another configuration" in done.stdout + done.stderr
+    with pytest.raises(ConfigError, match="another configuration"):
+        _run(images, f"out={one}", "shard_size=4", "filters.min_box_area=500")
 
 
 def test_unreadable_images_are_counted_and_named(tmp_path, synthetic_root):
@@ -95,10 +108,9 @@ def test_a_folder_of_images_with_boxes_from_a_file(tmp_path, synthetic_root):
                  {"image_id": 1, "bbox": [10, 10, 20, 20], "score": 0.1}]
     (tmp_path / "proposals.json").write_text(json.dumps(proposals))
     out = tmp_path / "out.json"
-    done = _annotate(f"images={synthetic_root / 'train'}", f"out={out}", "proposals=file",
-                     f"proposals.path={tmp_path / 'proposals.json'}", "proposals.min_score=0.5", "captioner=none",
-                     "filters.require_caption=false", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run(f"images={synthetic_root / 'train'}", f"out={out}", "proposals=file",
+         f"proposals.path={tmp_path / 'proposals.json'}", "proposals.min_score=0.5", "captioner=none",
+         "filters.require_caption=false")
     written = _json(out)
     files = sorted(p.name for p in (synthetic_root / "train").iterdir())
     assert [im["file_name"] for im in written["images"]] == files  # ids 1..N in sorted order
@@ -108,23 +120,28 @@ def test_a_folder_of_images_with_boxes_from_a_file(tmp_path, synthetic_root):
 
 
 def test_rule_captioner_without_classes_is_a_clear_error(tmp_path, synthetic_root):
-    done = _annotate(f"images={synthetic_root / 'train'}", f"out={tmp_path / 'o.json'}", cwd=tmp_path)
-    assert done.returncode == 1 and "captioner=rule" in done.stdout + done.stderr and "Traceback" not in done.stderr
+    from fineclip.cli import ConfigError
+
+    with pytest.raises(ConfigError, match="captioner=rule"):
+        _run(f"images={synthetic_root / 'train'}", f"out={tmp_path / 'o.json'}")
 
 
 def test_regenerated_data_trains_to_the_generators_numbers(tmp_path, synthetic_root):
+    from hydra import compose, initialize_config_dir
+
+    from fineclip.cli import CONFIG_DIR
+    from fineclip.engine.trainer import train
+
     out = tmp_path / "regions.json"
-    assert _annotate(f"images={synthetic_root / 'train.json'}", f"out={out}", cwd=tmp_path).returncode == 0
+    _run(f"images={synthetic_root / 'train.json'}", f"out={out}")
     common = [f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8", "data.batch_size=8",
               "trainer.epochs=1", "trainer.progress=false", "trainer.tensorboard=false"]
     metrics = []
     for name, train_file in (("generator", synthetic_root / "train.json"), ("annotated", out)):
-        run_dir = tmp_path / name
-        done = subprocess.run([sys.executable, "-m", "fineclip.train", *common, f"data.train.ann_file={train_file}",
-                               f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        metrics.append(_json(run_dir / "eval.json"))
-    assert metrics[0] == metrics[1]
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[*common, f"data.train.ann_file={train_file}"])
+        metrics.append(train(cfg, tmp_path / name))
+    assert metrics[0] == metrics[1] and metrics[0]["box/boxes"] > 0
 
 
 def test_class_agnostic_filter_equals_a_loop_over_its_rules():
@@ -149,12 +166,10 @@ def test_a_torchvision_detector_from_a_local_checkpoint_proposes_boxes(tmp_path,
     model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=5)
     torch.save(model.state_dict(), tmp_path / "detector.pt")
     out = tmp_path / "out.json"
-    done = _annotate(f"images={synthetic_root / 'train.json'}", f"out={out}", "proposals=detector",
-                     f"proposals.checkpoint={tmp_path / 'detector.pt'}", "proposals.num_classes=5",
-                     "proposals.architecture=fasterrcnn_mobilenet_v3_large_320_fpn", "proposals.score_threshold=0.0",
-                     "proposals.min_area=0", "captioner=none", "filters.require_caption=false",
-                     "filters.min_box_area=0", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run(f"images={synthetic_root / 'train.json'}", f"out={out}", "proposals=detector",
+         f"proposals.checkpoint={tmp_path / 'detector.pt'}", "proposals.num_classes=5",
+         "proposals.architecture=fasterrcnn_mobilenet_v3_large_320_fpn", "proposals.score_threshold=0.0",
+         "proposals.min_area=0", "captioner=none", "filters.require_caption=false", "filters.min_box_area=0")
     written = _json(out)
     assert written["annotations"], "a random-weight detector with no score floor proposes something"
     per_image = {}
@@ -241,7 +256,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, synthetic_root
             f"captioner.path={tiny_blip2}", "captioner.num_beams=3", "captioner.max_new_tokens=24",
             "filters.min_caption_words=1"]
     reference = tmp_path / "reference.json"
-    assert _annotate(*args, f"out={reference}", cwd=tmp_path).returncode == 0
+    _run(*args, f"out={reference}")
     out = tmp_path / "killed.json"
     process = subprocess.Popen([sys.executable, "-m", "fineclip.annotate", *ROOT_ARGS, *args, f"out={out}"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -267,9 +282,8 @@ def test_coco_instances_with_a_captions_file(tmp_path, synthetic_root):
     (tmp_path / "instances.json").write_text(json.dumps(instances))
     (tmp_path / "captions.json").write_text(json.dumps({"images": data["images"], "annotations": data["captions"]}))
     out = tmp_path / "out.json"
-    done = _annotate(f"images={tmp_path / 'instances.json'}", f"image_root={synthetic_root}",
-                     f"captions={tmp_path / 'captions.json'}", f"out={out}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run(f"images={tmp_path / 'instances.json'}", f"image_root={synthetic_root}",
+         f"captions={tmp_path / 'captions.json'}", f"out={out}")
     assert _json(out)["captions"] == data["captions"]
 
 
