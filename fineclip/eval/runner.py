@@ -152,15 +152,22 @@ def _accuracies(prefix: str, logits: torch.Tensor, labels: torch.Tensor, per_box
     return {f"{prefix}{k}": v for k, v in acc.items()}
 
 
-def box_metrics(model, dataset, feats, templates, cache_dir, protocol: BoxProtocol) -> dict[str, float | str]:
+def class_embeddings_and_labels(model, dataset, feats, templates, cache_dir,
+                                protocol: BoxProtocol) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(class embeddings (C, D) as the protocol prompts them, each box's class index (M,), class names)."""
     cat_ids = sorted(dataset.categories)
     names = [dataset.categories[c] for c in cat_ids]
     prompts = template_prompts(names, templates) if protocol.prompts == "data" else [vild_prompts(n) for n in names]
     encode = lambda texts: model.encode_text(texts).float().cpu()  # noqa: E731
     classes = cached_class_embeddings(model, encode, prompts, cache_dir)
     index_of = {c: i for i, c in enumerate(cat_ids)}
+    labels = torch.tensor([index_of[int(c)] for c in feats["box_category_ids"]], dtype=torch.long)
+    return classes, labels, names
+
+
+def box_metrics(model, dataset, feats, templates, cache_dir, protocol: BoxProtocol) -> dict[str, float | str]:
+    classes, labels, _ = class_embeddings_and_labels(model, dataset, feats, templates, cache_dir, protocol)
     box_cats = feats["box_category_ids"]
-    labels = torch.tensor([index_of[int(c)] for c in box_cats], dtype=torch.long)
     is_stuff = torch.tensor([int(c) in dataset.stuff_ids for c in box_cats], dtype=torch.bool)
     metrics: dict[str, float | str] = {"box/protocol": protocol.name, "box/images": float(len(feats["image_emb"])),
                                        "box/boxes": float(len(labels))}

@@ -1,0 +1,122 @@
+"""The arrays behind fineclip.viz's pictures: K-means maps, PCA colours, text heatmaps (aligned with the
+image), the confusion matrix and the curves, each against an independent computation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fineclip.viz.maps import kmeans_map, pca_rgb, text_heatmap
+
+
+def test_kmeans_map_has_the_requested_clusters_on_the_token_grid():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 4, (6, 8), generator=g)
+    centres = F.normalize(torch.randn(4, 16, generator=g), dim=1) * 5
+    dense = (centres[truth] + 0.05 * torch.randn(6, 8, 16, generator=g)).permute(2, 0, 1)  # (D, h, w)
+    labels = kmeans_map(dense, k=4, seed=0)
+    assert labels.shape == (6, 8) and len(labels.unique()) == 4
+    pairs = set(zip(truth.flatten().tolist(), labels.flatten().tolist(), strict=True))
+    assert len(pairs) == 4  # the same partition as the truth, up to the cluster names
+
+
+def test_pca_rgb_follows_the_principal_axes():
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(10, 5, 7, generator=g)
+    rgb = pca_rgb(dense)
+    assert rgb.shape == (5, 7, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    x = dense.reshape(10, 35).t().double().numpy()
+    x = x - x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    for c in range(3):
+        coord = x @ vt[c]
+        expected = (coord - coord.min()) / (coord.max() - coord.min())
+        got = rgb[..., c].flatten().double().numpy()
+        assert min(np.abs(got - expected).max(), np.abs(got - (1 - expected)).max()) < 1e-4  # up to the sign
+
+
+def test_text_heatmap_is_the_cosine_per_token_and_lines_up_with_the_image(synthetic_root):
+    g = torch.Generator().manual_seed(2)
+    dense, text = torch.randn(8, 4, 5, generator=g), torch.randn(8, generator=g)
+    at_grid = text_heatmap(dense, text, (4, 5))
+    for i in range(4):
+        for j in range(5):
+            assert at_grid[i, j].item() == pytest.approx(F.cosine_similarity(dense[:, i, j], text, dim=0).item(),
+                                                         abs=1e-6)
+    # oracle tokens (each 8 x 8 cell's class fractions) and one-hot texts: the heatmap of an object's
+    # class peaks inside that object's mask, unless a rotation or flip broke the alignment
+    from fineclip.eval.segmentation import IGNORE, SegmentationSet
+
+    dataset = SegmentationSet.from_instances(str(synthetic_root / "val.json"), size=64)
+    inside = total = 0
+    for index in range(len(dataset)):
+        _, label = dataset[index]
+        onehot = F.one_hot(torch.where(label == IGNORE, 12, label).long(), 13).permute(2, 0, 1).float()
+        cells = F.avg_pool2d(onehot[None], 8)[0]  # (13, 8, 8)
+        for c in label.unique().tolist():
+            if c == IGNORE:
+                continue
+            heat = text_heatmap(cells, F.one_hot(torch.tensor(c), 13).float(), (64, 64))
+            peak = divmod(int(heat.argmax()), 64)
+            inside += int(label[peak] == c)
+            total += 1
+    assert total > 10 and inside / total > 0.9, (inside, total)
+
+
+def test_curves_plot_exactly_the_logged_values(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from fineclip.viz import figures
+    from fineclip.viz.__main__ import read_curves
+
+    records = [{"step": 10, "epoch": 0, "train/loss": 3.0, "train/lr": 1e-3},
+               {"step": 20, "epoch": 0, "train/loss": 2.5, "train/lr": 5e-4},
+               {"step": 20, "epoch": 0, "val/box/top1": 12.5, "val/box/images": 8.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    series = read_curves(tmp_path)
+    assert series == {"train/loss": ([10, 20], [3.0, 2.5]), "train/lr": ([10, 20], [1e-3, 5e-4]),
+                      "val/box/top1": ([20], [12.5])}
+    drawn = []
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **k: drawn.append((self.get_title(), list(x), list(y)))
+                        or original(self, x, y, *a, **k))
+    figures.curves({"run": series}, tmp_path / "curves.png")
+    assert sorted(drawn) == sorted((k, list(v[0]), list(v[1])) for k, v in series.items())
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_viz_of_a_checkpoint_writes_every_picture_and_a_true_confusion(tmp_path, synthetic_root):
+    from hydra import compose, initialize_config_dir
+
+    from fineclip.cli import CONFIG_DIR
+    from fineclip.data import RegionCaptionDataset
+    from fineclip.engine.trainer import train
+    from fineclip.viz.__main__ import run
+
+    data = [f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*data, "data.batch_size=8", "trainer.epochs=1",
+                                                      "trainer.progress=false", "trainer.tensorboard=false"])
+        train(cfg, tmp_path / "run")
+        viz = compose(config_name="viz", overrides=[*data, f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}",
+                                                    "num_images=2", "clusters=3"])
+    pictures = run(viz)
+    out = tmp_path / "run" / "viz"
+    assert {p.name for p in pictures.values()} == {"dense_maps.png", "heatmaps_1.png", "heatmaps_2.png",
+                                                   "confusion.png", "per_class.png", "curves.png"}
+    assert all(p.stat().st_size > 1000 for p in pictures.values())
+    page = (out / "index.html").read_text()
+    assert all(f'src="{p.name}"' in page for p in pictures.values())
+    confusion = json.loads((out / "confusion.json").read_text())
+    val = RegionCaptionDataset.from_file(str(synthetic_root / "val.json"), image_root=str(synthetic_root),
+                                         train=False, max_regions=100, min_box_area=64)
+    per_class = {}
+    for i in range(len(val)):
+        for c in val[i]["category_ids"].tolist():
+            per_class[c] = per_class.get(c, 0) + 1
+    names = {c: n for c, n in val.categories.items()}
+    expected = [per_class.get(c, 0) for c in sorted(names)]
+    assert [sum(row) for row in confusion["matrix"]] == expected
+    assert confusion["classes"] == [names[c] for c in sorted(names)]
