@@ -105,7 +105,8 @@ def test_viz_of_a_checkpoint_writes_every_picture_and_a_true_confusion(tmp_path,
     pictures = run(viz)
     out = tmp_path / "run" / "viz"
     assert {p.name for p in pictures.values()} == {"dense_maps.png", "heatmaps_1.png", "heatmaps_2.png",
-                                                   "confusion.png", "per_class.png", "curves.png"}
+                                                   "confusion.png", "per_class.png", "worst_boxes.png",
+                                                   "retrieval.png", "curves.png"}
     assert all(p.stat().st_size > 1000 for p in pictures.values())
     page = (out / "index.html").read_text()
     assert all(f'src="{p.name}"' in page for p in pictures.values())

@@ -58,6 +58,49 @@ def load_images(cfg: DictConfig, dataset, size: int) -> list[tuple[torch.Tensor,
                            zip(it["boxes"].tolist(), it["category_ids"].tolist(), strict=True)]) for it in items]
 
 
+def draw_worst_boxes(dataset, feats, classes, labels, names, count: int, out: Path, pictures: list) -> None:
+    """The ``count`` boxes whose true class gets the lowest probability, cut from their images."""
+    from fineclip.viz import figures
+
+    if count <= 0:
+        return
+    probs = (100 * feats["box_emb"] @ classes.t()).softmax(1)
+    true_prob = probs[torch.arange(len(labels)), labels]
+    order = true_prob.argsort()[:count].tolist()
+    boxes = [(i, box) for i in range(len(dataset)) for box in dataset[i]["boxes"].tolist()]  # extraction order
+    crops, titles = [], []
+    for k in order:
+        i, (x1, y1, x2, y2) = boxes[k]
+        image = dataset[i]["image"].permute(1, 2, 0).numpy()
+        crops.append(image[int(y1):max(int(y2), int(y1) + 1), int(x1):max(int(x2), int(x1) + 1)])
+        titles.append(f"{names[labels[k]]} → {names[int(probs[k].argmax())]}")
+    pictures.append((f"the {count} worst-classified boxes (true → predicted)", figures.box_grid(
+        crops, titles, out / "worst_boxes.png", "worst-classified boxes: true → predicted")))
+
+
+def draw_retrieval(dataset, feats, count: int, out: Path, pictures: list) -> None:
+    """The top-5 images of the first caption of ``count`` val images, the right one marked."""
+    from fineclip.viz import figures
+
+    if count <= 0 or not len(feats["text_emb"]):
+        return
+    captions = [c for i in range(len(dataset)) for c in _captions(dataset[i])]
+    first = [int((feats["text_to_image"] == i).nonzero()[0]) for i in range(min(count, len(dataset)))
+             if (feats["text_to_image"] == i).any()]
+    results = []
+    for t in first:
+        top = (feats["text_emb"][t] @ feats["image_emb"].t()).topk(min(5, len(feats["image_emb"]))).indices.tolist()
+        results.append([(dataset[i]["image"].permute(1, 2, 0).numpy(), i == int(feats["text_to_image"][t]))
+                        for i in top])
+    pictures.append(("text → image retrieval, top-5", figures.retrieval([captions[t] for t in first], results,
+                                                                        out / "retrieval.png")))
+
+
+def _captions(item: dict) -> list[str]:
+    caption = item["caption"]
+    return list(caption) if isinstance(caption, (list, tuple)) else [caption]
+
+
 def write_index(out: Path, pictures: list[tuple[str, Path]], title: str) -> Path:
     rows = "\n".join(f"<h2>{html.escape(caption)}</h2>\n<img src=\"{p.name}\" style=\"max-width:100%\">"
                      for caption, p in pictures)
@@ -135,6 +178,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
                              figures.confusion(matrix, class_names, out / "confusion.png")))
             pictures.append(("box classification: top-1 per class",
                              figures.per_class_bars(top1, counts, class_names, out / "per_class.png")))
+            draw_worst_boxes(dataset, feats, classes, labels, class_names, cfg.worst_boxes, out, pictures)
+            draw_retrieval(dataset, feats, cfg.retrieval_queries, out, pictures)
             off = matrix - np.diag(np.diag(matrix))
             worst = np.dstack(np.unravel_index(np.argsort(-off, axis=None)[:5], off.shape))[0]
             (out / "top_confusions.txt").write_text("".join(

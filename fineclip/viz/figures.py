@@ -121,3 +121,37 @@ def curves(runs: dict[str, dict[str, tuple[list[float], list[float]]]], path: Pa
         axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def box_grid(crops: list[np.ndarray], titles: list[str], path: Path, title: str, cols: int = 6) -> Path:
+    """Box crops in a grid, each titled (e.g. "true → predicted")."""
+    rows = max(1, (len(crops) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, crop, text in zip(axes.flat, crops, titles, strict=False):
+        ax.imshow(crop)
+        ax.set_title(text, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def retrieval(queries: list[str], results: list[list[tuple[np.ndarray, bool]]], path: Path) -> Path:
+    """One row per text query: its top-5 images, the correct ones framed in green, the others in red."""
+    cols = max(len(r) for r in results)
+    fig, axes = plt.subplots(len(queries), cols, figsize=(1.6 * cols, 1.9 * len(queries)), squeeze=False)
+    for row, (query, found) in enumerate(zip(queries, results, strict=True)):
+        for col, ax in enumerate(axes[row]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col >= len(found):
+                ax.axis("off")
+                continue
+            image, correct = found[col]
+            ax.imshow(image)
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if correct else "tab:red")
+                spine.set_linewidth(3)
+        axes[row, 0].set_title(f'"{query}"', fontsize=7, loc="left")
+    fig.suptitle("text → image retrieval, top-5 (green: the caption's image)", fontsize=9)
+    return _save(fig, path)
