@@ -98,7 +98,7 @@ def test_viz_of_a_checkpoint_writes_every_picture_and_a_true_confusion(tmp_path,
     data = [f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*data, "data.batch_size=8", "trainer.epochs=1",
-                                                      "trainer.progress=false", "trainer.tensorboard=false"])
+                                                      "trainer.progress=false", "trainer.log_maps=2"])
         train(cfg, tmp_path / "run")
         viz = compose(config_name="viz", overrides=[*data, f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}",
                                                     "num_images=2", "clusters=3"])
@@ -121,3 +121,28 @@ def test_viz_of_a_checkpoint_writes_every_picture_and_a_true_confusion(tmp_path,
     expected = [per_class.get(c, 0) for c in sorted(names)]
     assert [sum(row) for row in confusion["matrix"]] == expected
     assert confusion["classes"] == [names[c] for c in sorted(names)]
+
+    # training logged the same maps for its first val images to TensorBoard, with the final weights
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fineclip.evaluate import load_model
+    from fineclip.viz.maps import feature_panel
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(t for t in events.Tags()["images"]) == ["maps/val_0", "maps/val_1"]
+    model, _ = load_model(viz)
+    model.eval()
+    val = RegionCaptionDataset.from_file(str(synthetic_root / "val.json"), image_root=str(synthetic_root),
+                                         train=False, max_regions=100, min_box_area=64, image_size=64)
+    for i in range(2):
+        logged = np.asarray(Image.open(io.BytesIO(events.Images(f"maps/val_{i}")[-1].encoded_image_string)))
+        item = val[i]
+        with torch.no_grad():
+            _, dense = model.encode_image_dense(model.normalize_pixels(item["image"][None]), with_global=False)
+            text = model.encode_text([f"a {val.categories[int(item['category_ids'][0])]}"])[0]
+        expected = feature_panel(item["image"], dense[0], text_emb=text).numpy()
+        assert logged.shape == (64, 256, 3) and np.abs(logged.astype(int) - expected.astype(int)).max() <= 1

@@ -76,6 +76,16 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=step)
 
+    def log_images(self, step: int, images: dict) -> None:
+        """(H, W, 3) uint8 arrays to TensorBoard (and W&B when on), one tag each."""
+        if self.writer is not None:
+            for tag, image in images.items():
+                self.writer.add_image(tag, image, step, dataformats="HWC")
+        if self.wandb_run is not None:
+            import wandb as wandb_lib
+
+            self.wandb_run.log({tag: wandb_lib.Image(image) for tag, image in images.items()}, step=step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

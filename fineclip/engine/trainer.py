@@ -495,9 +495,36 @@ def run_epoch(run: Run, progress: Progress, logger: MetricsLogger | None, stop: 
 
 
 # -- the whole run -----------------------------------------------------------------------------------
+@torch.no_grad()
+def log_feature_maps(run: Run, logger: MetricsLogger, step: int) -> None:
+    """For the first ``trainer.log_maps`` val images: the image, K-means and PCA maps of its dense
+    features and the heatmap of its first box's class prompt (``feature_panel``), to TensorBoard/W&B."""
+    from fineclip.viz.maps import feature_panel
+
+    count = min(int(run.cfg.trainer.get("log_maps", 0)), len(run.val_set))
+    if count <= 0:
+        return
+    was_training = run.model.training
+    run.model.eval()
+    template = (run.cfg.eval.get("templates") or run.cfg.data.get("templates") or ["a photo of a {}."])[0]
+    panels = {}
+    for i in range(count):
+        item = run.val_set[i]
+        pixels = run.model.normalize_pixels(item["image"][None].to(run.device))
+        _, dense = run.model.encode_image_dense(pixels, with_global=False)
+        text = None
+        if len(item["category_ids"]):
+            name = run.val_set.categories[int(item["category_ids"][0])]
+            text = run.model.encode_text([template.format(name)])[0].float().cpu()
+        panels[f"maps/val_{i}"] = feature_panel(item["image"], dense[0].float().cpu(), text_emb=text).numpy()
+    run.model.train(was_training)
+    logger.log_images(step, panels)
+
+
 def evaluate_and_log(run: Run, progress: Progress, logger: MetricsLogger, epoch: int) -> dict:
     metrics = evaluate_from_config(run.model, run.val_set, run.cfg, run.device, progress=run.cfg.trainer.progress)
     logger.log(progress.step, {f"val/{k}": v for k, v in metrics.items()}, epoch=epoch)
+    log_feature_maps(run, logger, progress.step)
     return metrics
 
 

@@ -65,3 +65,25 @@ def text_heatmap(dense: torch.Tensor, text_emb: torch.Tensor, size: tuple[int, i
     bilinearly to ``size`` (token centres on pixel centres, as the evaluation's RoIAlign reads them)."""
     sim = torch.einsum("dhw,d->hw", F.normalize(dense.float(), dim=0), F.normalize(text_emb.float(), dim=0))
     return F.interpolate(sim[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def feature_panel(image: torch.Tensor, dense: torch.Tensor, k: int = 6, text_emb: torch.Tensor | None = None,
+                  seed: int = 0) -> torch.Tensor:
+    """(H, (3 or 4)·W, 3) uint8: the image, its K-means map (tab10 colours), its PCA → RGB map (tokens
+    shown as blocks) and, with ``text_emb``, the text heatmap (inferno, scaled to its own range):
+    what training logs for a few val images at each evaluation."""
+    from matplotlib import colormaps
+
+    _, height, width = image.shape
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # (h, w, 3) -> (H, W, 3), each token a block
+        return F.interpolate(x.permute(2, 0, 1)[None].float(), size=(height, width), mode="nearest")[0].permute(1, 2, 0)
+
+    palette = torch.tensor(colormaps["tab10"].colors, dtype=torch.float32)
+    parts = [image.permute(1, 2, 0).float() / 255, blocks(palette[kmeans_map(dense, k, seed) % 10]),
+             blocks(pca_rgb(dense))]
+    if text_emb is not None:
+        heat = text_heatmap(dense, text_emb, (height, width))
+        heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-8)
+        parts.append(torch.from_numpy(colormaps["inferno"](heat.numpy())[..., :3]).float())
+    return (torch.cat(parts, dim=1).clamp(0, 1) * 255).round().to(torch.uint8)
