@@ -512,6 +512,9 @@ def log_feature_maps(run: Run, logger: MetricsLogger, step: int) -> None:
         item = run.val_set[i]
         pixels = run.model.normalize_pixels(item["image"][None].to(run.device))
         _, dense = run.model.encode_image_dense(pixels, with_global=False)
+        if not bool(torch.isfinite(dense).all()):
+            log.warning("val image %d: non-finite dense features, no feature maps logged", i)
+            continue
         text = None
         if len(item["category_ids"]):
             name = run.val_set.categories[int(item["category_ids"][0])]
