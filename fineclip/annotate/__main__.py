@@ -18,7 +18,8 @@ log = logging.getLogger("fineclip.annotate")
 
 def check_shard_config(out: Path, cfg: DictConfig) -> None:
     """Shards written by another configuration must not be mixed into this run's output."""
-    from fineclip.annotate.pipeline import shard_dir, write_json_atomic
+    from fineclip.annotate.pipeline import shard_dir
+    from fineclip.data.convert_coco import write_json_atomic
 
     what = OmegaConf.to_container(cfg, resolve=True)
     for key in ("worker", "merge_only", "progress", "device"):
@@ -33,7 +34,7 @@ def check_shard_config(out: Path, cfg: DictConfig) -> None:
             raise ConfigError(f"{shard_dir(out)} holds shards of another configuration (differs in {changed}): "
                               "delete that folder, or write to another out=")
     else:
-        write_json_atomic(path, what)
+        write_json_atomic(what, path)
 
 
 def run(cfg: DictConfig) -> dict | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from fineclip.annotate.proposers import Proposal
 from fineclip.annotate.sources import ImageRecord, ImageSource, load_image
-from fineclip.data.convert_coco import PROPOSAL_CATEGORY
+from fineclip.data.convert_coco import PROPOSAL_CATEGORY, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +38,6 @@ class Filters:
     min_caption_words: int = 2  # short_caption; an empty caption is empty_caption
     drop_duplicates: bool = True  # the same caption twice in one image (duplicate_caption)
     require_caption: bool = True  # a box the captioner could not name is dropped (no_caption)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def clip_box(bbox: list[float], width: int, height: int) -> list[float]:
@@ -189,7 +180,7 @@ def run_shards(annotator: Annotator, source: ImageSource, out: Path, shard_size:
 
     for s in todo:
         result = annotator.shard(source.records[s * shard_size : (s + 1) * shard_size], on_image)
-        write_json_atomic(shard_path(out, s), result)
+        write_json_atomic(result, shard_path(out, s))
     bar.close()
     return len(todo)
 
@@ -213,10 +204,10 @@ def merge(source: ImageSource, out: Path, shard_size: int, info: dict) -> dict:
     categories = list(source.categories)
     if any(a["category_id"] == 0 for a in annotations) and all(c["id"] != 0 for c in categories):
         categories.append(dict(PROPOSAL_CATEGORY))
-    write_json_atomic(out, {"info": info, "images": images, "annotations": annotations, "categories": categories,
-                            "captions": captions})
+    write_json_atomic({"info": info, "images": images, "annotations": annotations, "categories": categories,
+                       "captions": captions}, out)
     report = build_report(images, annotations, counts, unreadable, len(source.records))
-    write_json_atomic(out.parent / f"{out.name}.report.json", report)
+    write_json_atomic(report, out.parent / f"{out.name}.report.json")
     return report
 
 
