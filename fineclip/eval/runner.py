@@ -65,7 +65,8 @@ def extract_features(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_regions
     )
     crop_model = crop_model or model
-    out = {k: [] for k in ("image_emb", "box_emb", "crop_emb", "maskpool_emb", "box_category_ids")}
+    out = {k: [] for k in ("image_emb", "box_emb", "crop_emb", "maskpool_emb", "box_category_ids", "box_image",
+                           "boxes")}
     captions, text_to_image, offset = [], [], 0
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
         pixels = model.normalize_pixels(batch["images"].to(device, non_blocking=True))
@@ -83,15 +84,19 @@ def extract_features(
                 index = regions[:, 0].long()
                 out["maskpool_emb"].append(mask_pool(dense, batch["masks"].to(device), index).float().cpu())
             out["box_category_ids"].append(batch["category_ids"])
+            out["box_image"].append(batch["regions"][:, 0].long() + offset)
+            out["boxes"].append(batch["regions"][:, 1:].float())
         for i, caps in enumerate(batch["captions"]):
             captions += caps
             text_to_image += [offset + i] * len(caps)
         offset += len(batch["images"])
     dim = out["image_emb"][0].shape[1]
     chunks = [model.encode_text(captions[s : s + 256]).float().cpu() for s in range(0, len(captions), 256)]
-    feats = {k: torch.cat(v) if v else torch.zeros(0, dim) for k, v in out.items() if k != "box_category_ids"}
-    feats["box_category_ids"] = torch.cat(out["box_category_ids"]) if out["box_category_ids"] else \
-        torch.zeros(0, dtype=torch.long)
+    feats = {k: torch.cat(v) if v else torch.zeros(0, dim) for k, v in out.items()
+             if k not in ("box_category_ids", "box_image", "boxes")}
+    for key in ("box_category_ids", "box_image"):
+        feats[key] = torch.cat(out[key]) if out[key] else torch.zeros(0, dtype=torch.long)
+    feats["boxes"] = torch.cat(out["boxes"]) if out["boxes"] else torch.zeros(0, 4)
     feats["text_emb"] = torch.cat(chunks) if chunks else torch.zeros(0, dim)
     feats["text_to_image"] = torch.tensor(text_to_image, dtype=torch.long)
     return feats

@@ -67,11 +67,10 @@ def draw_worst_boxes(dataset, feats, classes, labels, names, count: int, out: Pa
     probs = (100 * feats["box_emb"] @ classes.t()).softmax(1)
     true_prob = probs[torch.arange(len(labels)), labels]
     order = true_prob.argsort()[:count].tolist()
-    boxes = [(i, box) for i in range(len(dataset)) for box in dataset[i]["boxes"].tolist()]  # extraction order
     crops, titles = [], []
     for k in order:
-        i, (x1, y1, x2, y2) = boxes[k]
-        image = dataset[i]["image"].permute(1, 2, 0).numpy()
+        x1, y1, x2, y2 = feats["boxes"][k].tolist()
+        image = dataset[int(feats["box_image"][k])]["image"].permute(1, 2, 0).numpy()
         crops.append(image[int(y1):max(int(y2), int(y1) + 1), int(x1):max(int(x2), int(x1) + 1)])
         titles.append(f"{names[labels[k]]} → {names[int(probs[k].argmax())]}")
     pictures.append((f"the {count} worst-classified boxes (true → predicted)", figures.box_grid(
@@ -84,7 +83,7 @@ def draw_retrieval(dataset, feats, count: int, out: Path, pictures: list) -> Non
 
     if count <= 0 or not len(feats["text_emb"]):
         return
-    captions = [c for i in range(len(dataset)) for c in _captions(dataset[i])]
+    captions = [c for record in dataset.records for c in record.captions]  # extraction order, no image read
     first = [int((feats["text_to_image"] == i).nonzero()[0]) for i in range(min(count, len(dataset)))
              if (feats["text_to_image"] == i).any()]
     results = []
@@ -94,11 +93,6 @@ def draw_retrieval(dataset, feats, count: int, out: Path, pictures: list) -> Non
                         for i in top])
     pictures.append(("text → image retrieval, top-5", figures.retrieval([captions[t] for t in first], results,
                                                                         out / "retrieval.png")))
-
-
-def _captions(item: dict) -> list[str]:
-    caption = item["caption"]
-    return list(caption) if isinstance(caption, (list, tuple)) else [caption]
 
 
 def write_index(out: Path, pictures: list[tuple[str, Path]], title: str) -> Path:
@@ -138,20 +132,22 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     if dataset is None and not cfg.images:
         raise ConfigError(f"data={cfg.data.get('name', '?')} has no val split: give images=a.jpg,b.jpg")
     names = dict(dataset.categories) if dataset is not None else {}
-    template = (cfg.eval.get("templates") or cfg.data.get("templates") or ["a photo of a {}."])[0]
+    templates = list(cfg.eval.get("templates") or cfg.data.get("templates") or ["a photo of a {}."])
+    template = templates[0]
     shown = load_images(cfg, dataset, size)
     pixels = torch.stack([im for im, _ in shown]).to(device)
     pictures: list[tuple[str, Path]] = []
 
-    maps = {}
+    maps, denses = {}, {}
     for name, m in models.items():
-        _, dense = m.encode_image_dense(m.normalize_pixels(pixels), with_global=False)
-        maps[name] = [(kmeans_map(d.cpu(), cfg.clusters, cfg.seed).numpy(), pca_rgb(d.cpu()).numpy()) for d in dense]
+        _, denses[name] = m.encode_image_dense(m.normalize_pixels(pixels), with_global=False)
+        maps[name] = [(kmeans_map(d.cpu(), cfg.clusters, cfg.seed).numpy(), pca_rgb(d.cpu()).numpy())
+                      for d in denses[name]]
     arrays = [im.permute(1, 2, 0).numpy() for im, _ in shown]
     pictures.append(("dense features: K-means clusters and PCA → RGB of every token",
                      figures.dense_maps(arrays, maps, cfg.clusters, out / "dense_maps.png")))
 
-    _, dense = model.encode_image_dense(model.normalize_pixels(pixels), with_global=False)
+    dense = denses["after" if cfg.before else "model"]
     fixed_texts = [t.strip() for t in cfg.texts.split(",")] if isinstance(cfg.texts, str) else list(cfg.texts or [])
     for i, ((_, boxes), array) in enumerate(zip(shown, arrays, strict=True)):
         texts = fixed_texts or list(dict.fromkeys(template.format(names[c]) for _, c in boxes))
@@ -167,8 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         feats = extract_features(model, dataset, cfg.eval.batch_size, device=device, progress=False)
         if len(feats["box_emb"]):
             classes, labels, class_names = class_embeddings_and_labels(
-                model, dataset, feats, list(cfg.eval.get("templates") or cfg.data.get("templates") or [template]),
-                None, box_protocol(cfg))
+                model, dataset, feats, templates, None, box_protocol(cfg))
             predicted = (feats["box_emb"] @ classes.t()).argmax(1)
             matrix = confusion_matrix(predicted, labels, len(class_names)).numpy()
             counts = matrix.sum(1)
