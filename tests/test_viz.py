@@ -65,6 +65,90 @@ def test_text_heatmap_is_the_cosine_per_token_and_lines_up_with_the_image(synthe
     assert total > 10 and inside / total > 0.9, (inside, total)
 
 
+def test_class_heatmaps_of_a_fine_tuned_model_peak_inside_the_objects(tmp_path):
+    """A minute of FineCLIP training on scenes whose classes are colours (visible in every patch):
+    the heatmap of "a {class}" then peaks inside that class's pixels for over 75 % of the val texts
+    (measured: 92-96 % over four seeds, 60 steps; chance ~10 %), where the untrained model's peaks
+    stay near chance."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fineclip.cli import CONFIG_DIR
+    from fineclip.data.synthetic import generate
+    from fineclip.engine.trainer import train
+    from fineclip.evaluate import load_model
+    from fineclip.models import create_model
+    from fineclip.viz.peaks import heatmap_peak_rate
+
+    root = generate(tmp_path / "data", train=480, val=64, size=64, seed=0, classes="colour")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "data=synthetic_colours", f"data.root={root}", "data.synthetic.train=480", "data.synthetic.val=64",
+            "trainer.epochs=4", "trainer.progress=false", "trainer.log_maps=0", "trainer.tensorboard=false"])
+    train(cfg, tmp_path / "run")  # 4 epochs of 15 steps, batch 32, all three losses, from scratch
+    model, _ = load_model(OmegaConf.create({"checkpoint": str(tmp_path / "run/checkpoints/last.pt"), "model": None}))
+    trained = heatmap_peak_rate(model.eval(), root / "val.json")
+    torch.manual_seed(0)
+    untrained = heatmap_peak_rate(create_model("fineclip-tiny", freeze_text=False).eval(), root / "val.json")
+    assert trained.total == untrained.total > 150
+    assert 0.05 < trained.chance_rate < 0.15
+    assert trained.rate > 0.75, (trained.rate, trained.chance_rate)
+    assert untrained.rate < 0.4, untrained.rate
+
+
+def test_peak_rate_counts_a_peak_inside_the_mask_by_brute_force(synthetic_root):
+    """heatmap_peak_rate against a direct count: the argmax of each text's bilinear heatmap, looked
+    up in the mask decoded from the json."""
+    from pycocotools import mask as mask_utils
+
+    from fineclip.viz.peaks import heatmap_peak_rate
+
+    data = json.loads((synthetic_root / "val.json").read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+
+    class Recorder(torch.nn.Module):  # a model whose tokens are random, and records what it was asked
+        image_size = (64, 64)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.g = torch.Generator().manual_seed(3)
+            self.calls = []
+
+        def normalize_pixels(self, x):
+            return x
+
+        def encode_image_dense(self, pixels, with_global=False):
+            self.calls.append(["dense", torch.randn(1, 6, 8, 8, generator=self.g)])
+            return None, self.calls[-1][1]
+
+        def encode_text(self, texts):
+            self.calls.append(["text", texts, torch.randn(len(texts), 6, generator=self.g)])
+            return self.calls[-1][2]
+
+    model = Recorder()
+    got = heatmap_peak_rate(model, synthetic_root / "val.json")
+    inside = on_objects = total = 0
+    annotated = sorted({a["image_id"] for a in data["annotations"]})
+    for image_id, (dense_call, text_call) in zip(annotated,
+                                              zip(model.calls[::2], model.calls[1::2], strict=True), strict=True):
+        masks, anywhere = {}, False
+        for a in data["annotations"]:
+            if a["image_id"] == image_id:
+                m = mask_utils.decode(a["segmentation"]).astype(bool)
+                masks[a["category_id"]] = masks.get(a["category_id"], False) | m
+                anywhere = anywhere | m
+        assert text_call[1] == [f"a {names[c]}" for c in masks]
+        for m, t in zip(masks.values(), text_call[2], strict=True):
+            sim = F.cosine_similarity(dense_call[1][0], t[:, None, None], dim=0)
+            heat = F.interpolate(sim[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+            inside += int(m.reshape(-1)[int(heat.argmax())])
+            on_objects += int(anywhere.reshape(-1)[int(heat.argmax())])
+            total += 1
+    assert (got.inside, got.on_objects, got.total) == (inside, on_objects, total) and total > 10
+    assert inside < on_objects  # random tokens: some peaks land on the wrong object
+
+
 def test_curves_plot_exactly_the_logged_values(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 

@@ -2,11 +2,11 @@
 
 Each image holds 2-4 objects (one of 12 shapes, colour, size, texture, position) on a background
 of varied colour and pattern. Every image gets several captions that describe the whole scene,
-every object a box, a category (its shape), an instance mask of its visible pixels (COCO RLE) and
-a region caption that says more than its class name, the way an LVLM caption of the crop would
-("a large striped red star"). Output is deterministic for a given seed:
+every object a box, a category (its shape; its colour with ``--classes colour``), an instance mask
+of its visible pixels (COCO RLE) and a region caption that says more than its shape name, the way
+an LVLM caption of the crop would ("a large striped red star"). Output is deterministic for a given seed:
 
-    python -m fineclip.data.synthetic --out DIR --train 1920 --val 256 --size 64 --seed 0
+    python -m fineclip.data.synthetic --out DIR --train 1920 --val 256 --size 64 --seed 0 [--classes colour]
 
 writes ``DIR/{train,val}/*.png`` and ``DIR/{train,val}.json`` (schema: ``fineclip/data/schema.md``).
 """
@@ -55,6 +55,9 @@ BACKGROUND_PATTERNS = ("plain", "noisy", "gradient", "checkered")
 TEXTURES = ("solid", "striped", "dotted")
 SIZES = {"small": (0.28, 0.36), "medium": (0.38, 0.46), "large": (0.48, 0.58)}
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+# What an object's category is. Shapes are the task of every synthetic table; a colour is visible in
+# each 8-px patch, so a tiny model's dense tokens learn colours in a minute but shapes hardly at all.
+CLASSES = {"shape": SHAPES, "colour": tuple(COLOURS)}
 
 
 @dataclass
@@ -248,11 +251,15 @@ def encode_mask(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def write_split(out: Path, split: str, count: int, size: int, seed: int) -> Path:
-    """Render ``count`` scenes into ``out/split/`` and their annotations into ``out/split.json``."""
+def write_split(out: Path, split: str, count: int, size: int, seed: int, classes: str = "shape") -> Path:
+    """Render ``count`` scenes into ``out/split/`` and their annotations into ``out/split.json``; each
+    object's category is its ``classes`` attribute ("shape" or "colour"). The scenes and captions do
+    not depend on ``classes``."""
+    if classes not in CLASSES:
+        raise ValueError(f"classes must be one of {sorted(CLASSES)}, not {classes!r}")
     rng = random.Random(f"{seed}-{split}")
     (out / split).mkdir(parents=True, exist_ok=True)
-    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    categories = [{"id": i + 1, "name": s, "supercategory": classes} for i, s in enumerate(CLASSES[classes])]
     cat_id = {c["name"]: c["id"] for c in categories}
     images, annotations, captions = [], [], []
     for image_id in range(1, count + 1):
@@ -272,7 +279,7 @@ def write_split(out: Path, split: str, count: int, size: int, seed: int) -> Path
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": cat_id[obj.shape],
+                    "category_id": cat_id[getattr(obj, classes)],
                     "bbox": [x, y, w, h],
                     "area": float(mask.sum()),
                     "segmentation": rle,
@@ -296,16 +303,18 @@ def write_split(out: Path, split: str, count: int, size: int, seed: int) -> Path
     return ann_path
 
 
-def generate(out: str | Path, train: int, val: int, size: int = 64, seed: int = 0) -> Path:
+def generate(out: str | Path, train: int, val: int, size: int = 64, seed: int = 0, classes: str = "shape") -> Path:
     """Write the train and val splits under ``out``. A ``DONE`` marker holding the parameters makes
     it idempotent; a folder made with other parameters (or an older generator) is rewritten."""
     out = Path(out)
     marker = out / "DONE"
     params = {"version": VERSION, "train": train, "val": val, "size": size, "seed": seed}
+    if classes != "shape":  # so that the folders made before the option existed stay valid
+        params["classes"] = classes
     if marker.exists() and json.loads(marker.read_text()) == params:
         return out
-    write_split(out, "train", train, size, seed)
-    write_split(out, "val", val, size, seed)
+    write_split(out, "train", train, size, seed, classes)
+    write_split(out, "val", val, size, seed, classes)
     marker.write_text(json.dumps(params))
     return out
 
@@ -317,7 +326,8 @@ def prepare_synthetic(data_cfg) -> None:
         return
     if not (Path(data_cfg.root) / "DONE").exists():  # first use
         print(f"generating synthetic scenes into {data_cfg.root}", flush=True)
-    generate(data_cfg.root, train=syn.train, val=syn.val, size=syn.size, seed=syn.seed)
+    generate(data_cfg.root, train=syn.train, val=syn.val, size=syn.size, seed=syn.seed,
+             classes=syn.get("classes", "shape"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -327,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=256, help="number of validation images")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", choices=sorted(CLASSES), default="shape", help="what an object's category is")
     args = parser.parse_args(argv)
-    out = generate(args.out, args.train, args.val, args.size, args.seed)
+    out = generate(args.out, args.train, args.val, args.size, args.seed, args.classes)
     print(f"wrote {args.train} train and {args.val} val scenes to {out}")
 
 

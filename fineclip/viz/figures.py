@@ -95,8 +95,9 @@ def per_class_bars(top1: np.ndarray, counts: np.ndarray, names: list[str], path:
     ax.set_xticks(range(len(names)), [f"{n} ({c})" for n, c in zip(names, counts, strict=True)], rotation=60,
                   ha="right", fontsize=7)
     ax.set_ylabel("top-1 (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, 118)  # room above full bars for the legend
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(fontsize=7, loc="upper right")
     ax.set_title("box classification: top-1 per class (boxes)", fontsize=9)
     return _save(fig, path)
 
