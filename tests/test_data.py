@@ -72,6 +72,30 @@ def test_synthetic_generation_is_deterministic(tmp_path):
     assert (a / "train.json").read_text() != (c / "train.json").read_text()
 
 
+def test_colour_classes_name_each_object_by_the_colour_of_its_pixels(tmp_path):
+    """--classes colour: the same images, captions and masks; each category is the one palette colour
+    found among the pixels of the object's mask (the rest are its darker stripes or dots)."""
+    from pycocotools import mask as mask_utils
+
+    shapes = generate(tmp_path / "s", train=6, val=0, seed=5)
+    colours = generate(tmp_path / "c", train=6, val=0, seed=5, classes="colour")
+    a, b = (json.loads((r / "train.json").read_text()) for r in (shapes, colours))
+    assert a["images"] == b["images"] and a["captions"] == b["captions"]
+    assert (shapes / "train/000003.png").read_bytes() == (colours / "train/000003.png").read_bytes()
+    assert [c["name"] for c in b["categories"]] == list(COLOURS)
+    names = {c["id"]: c["name"] for c in b["categories"]}
+    files = {i["id"]: i["file_name"] for i in b["images"]}
+    for shape_ann, ann in zip(a["annotations"], b["annotations"], strict=True):
+        assert {k: v for k, v in shape_ann.items() if k != "category_id"} == {
+            k: v for k, v in ann.items() if k != "category_id"}
+        pixels = np.asarray(Image.open(colours / files[ann["image_id"]]).convert("RGB"))
+        inside = pixels[mask_utils.decode(ann["segmentation"]) > 0]
+        found = {tuple(int(v) for v in c) for c in np.unique(inside, axis=0)}
+        assert found & set(COLOURS.values()) == {COLOURS[names[ann["category_id"]]]}, ann["id"]
+    with pytest.raises(ValueError, match="classes must be one of"):
+        generate(tmp_path / "x", train=1, val=0, classes="texture")
+
+
 def test_dataset_scales_boxes_and_caps_regions(synthetic_root):
     ds = RegionCaptionDataset.from_file(str(synthetic_root / "train.json"), image_size=32, max_regions=2)
     record = ds.records[0]
