@@ -223,3 +223,34 @@ def test_records_with_missing_fields_or_bad_ids_raise_naming_the_record(tmp_path
     path = _write(tmp_path, [_img(1)], [_ann(7, 1, ["a", 0, 10, 10])], [{"id": 1, "image_id": 1, "caption": "x"}])
     with pytest.raises(AnnotationError, match="annotation id=7 has a malformed bbox"):
         load_region_annotations(path)
+
+
+def test_colour_classes_train_and_evaluate_under_torchrun(tmp_path):
+    """data=synthetic_colours on two processes: the run ends, and its distributed evaluation of the
+    8 colour classes gives the numbers a one-process evaluation of its checkpoint gives."""
+    import os
+    import subprocess
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    from fineclip.cli import CONFIG_DIR
+    from fineclip.evaluate import run
+
+    data = [f"data.root={tmp_path / 'data'}", "data.synthetic.train=32", "data.synthetic.val=16"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fineclip.train",
+           "data=synthetic_colours", *data, "data.batch_size=8", "trainer.epochs=1", "trainer.progress=false",
+           "trainer.tensorboard=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = [c["name"] for c in json.loads((tmp_path / "data" / "val.json").read_text())["categories"]]
+    assert names == ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+    two = json.loads((tmp_path / "run" / "eval.json").read_text())
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["data=synthetic_colours", *data,
+                                                         f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}"])
+    one = run(cfg)
+    assert two["box/boxes"] > 30
+    assert {k: v for k, v in two.items() if k.startswith("box/")} == pytest.approx(
+        {k: v for k, v in one.items() if k.startswith("box/")}, abs=1e-6)
