@@ -92,11 +92,9 @@ def extract_features(
         offset += len(batch["images"])
     dim = out["image_emb"][0].shape[1]
     chunks = [model.encode_text(captions[s : s + 256]).float().cpu() for s in range(0, len(captions), 256)]
-    feats = {k: torch.cat(v) if v else torch.zeros(0, dim) for k, v in out.items()
-             if k not in ("box_category_ids", "box_image", "boxes")}
-    for key in ("box_category_ids", "box_image"):
-        feats[key] = torch.cat(out[key]) if out[key] else torch.zeros(0, dtype=torch.long)
-    feats["boxes"] = torch.cat(out["boxes"]) if out["boxes"] else torch.zeros(0, 4)
+    no_index = torch.zeros(0, dtype=torch.long)
+    empty = {"box_category_ids": no_index, "box_image": no_index, "boxes": torch.zeros(0, 4)}  # else (0, dim)
+    feats = {k: torch.cat(v) if v else empty.get(k, torch.zeros(0, dim)) for k, v in out.items()}
     feats["text_emb"] = torch.cat(chunks) if chunks else torch.zeros(0, dim)
     feats["text_to_image"] = torch.tensor(text_to_image, dtype=torch.long)
     return feats

@@ -40,14 +40,14 @@ class PeakRate:
         return self.chance / max(self.total, 1)
 
 
-def _targets(coco, anns: list[dict], text: str, template: str) -> list[tuple[str, np.ndarray]]:
-    """(text, bool mask it should peak in) for one image's annotations; empty masks left out."""
+def _targets(coco, anns: list[dict], masks: list[np.ndarray], text: str, template: str) -> list[tuple[str, np.ndarray]]:
+    """(text, bool mask it should peak in) for one image's annotations and their masks; empty masks
+    left out."""
     if text == "caption":
-        pairs = [(a["caption"], coco.annToMask(a).astype(bool)) for a in anns]
+        pairs = [(a["caption"], m) for a, m in zip(anns, masks, strict=True)]
     else:
         by_class: dict[int, np.ndarray] = {}
-        for a in anns:
-            mask = coco.annToMask(a).astype(bool)
+        for a, mask in zip(anns, masks, strict=True):
             by_class[a["category_id"]] = by_class.get(a["category_id"], np.zeros_like(mask)) | mask
         names = {c["id"]: c["name"] for c in coco.loadCats(list(by_class))}
         pairs = [(template.format(names[c]), m) for c, m in by_class.items()]
@@ -75,10 +75,11 @@ def heatmap_peak_rate(model, ann_file: str | Path, image_root: str | Path | None
         missing = [a["id"] for a in anns if "segmentation" not in a]
         if missing:
             raise ValueError(f"{ann_file}: annotation {missing[0]} (image {image_id}) has no segmentation mask")
-        pairs = _targets(coco, anns, text, template)
+        masks = [coco.annToMask(a).astype(bool) for a in anns]
+        pairs = _targets(coco, anns, masks, text, template)
         if not pairs:
             continue
-        objects = np.any([coco.annToMask(a).astype(bool) for a in anns], axis=0)
+        objects = np.any(masks, axis=0)
         with Image.open(root / coco.imgs[image_id]["file_name"]) as img:
             image = img.convert("RGB").resize(model.image_size[::-1], Image.BICUBIC)
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255).to(device)
