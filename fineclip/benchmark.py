@@ -30,10 +30,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from fineclip.cli import CONFIG_DIR, exit_on_user_error
 from fineclip.data import RegionCaptionDataset, collate_regions
 from fineclip.data.random_batch import random_batch
+from fineclip.engine.build import Method, build_method, compile_blocks, freeze_unused_parameters
 from fineclip.engine.distributed import resolve_device
 from fineclip.engine.step import resolve_precision, train_step
-from fineclip.engine.trainer import compile_blocks, freeze_unused_parameters
 from fineclip.losses import CompositeLoss
+from fineclip.methods.regions import RegionSource
 from fineclip.methods.teachers import Teacher
 from fineclip.models import FineCLIPModel
 from fineclip.timing import timed_sections
@@ -79,23 +80,28 @@ class Step:
         return dict(times)
 
 
-def build_method(cfg: DictConfig, device) -> tuple[FineCLIPModel, CompositeLoss, Teacher, object]:
-    """Model (random weights), loss, teacher and region source of ``method=``, set up as the trainer
-    does; a RegionCLIP concept pool of ``concept_pool`` made-up names."""
-    model: FineCLIPModel = instantiate(cfg.model, checkpoint=None).to(device).train()
-    loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
-    teacher: Teacher = instantiate(cfg.teacher)
-    teacher.setup(model)
-    region_source = instantiate(cfg.regions) if cfg.regions.get("_target_") else None
-    loss_fn.prepare(model.encode_text_pool, [f"class {i}" for i in range(cfg.concept_pool)])
-    return model, loss_fn, teacher, region_source
+def benchmark_method(cfg: DictConfig, device) -> Method:
+    """``build_method`` as the trainer calls it, with random weights, in training mode, and a RegionCLIP
+    concept pool of ``concept_pool`` made-up names."""
+    method = build_method(cfg, device, checkpoint=None)
+    method.model.train()
+    method.loss_fn.prepare(method.model.encode_text_pool, [f"class {i}" for i in range(cfg.concept_pool)])
+    return method
+
+
+def batch_regions(regions: RegionSource) -> RegionSource | None:
+    """The region source as the benchmark applies it to its random batches: only one that rewrites the
+    batch (grid cells); the data set's boxes and proposals are the random batch's boxes here."""
+    return regions if type(regions).__call__ is not RegionSource.__call__ else None
 
 
 def model_flops(cfg: DictConfig, batch: dict, device, precision: str) -> float:
     """Model FLOPs of one step (forward + backward, no recomputation), counted by FlopCounterMode
     on a fresh eager copy (no compile, no checkpointing) after one step has filled its text cache."""
-    model, loss_fn, teacher, regions = build_method(cfg, device)
-    step = Step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0), device, precision, teacher, regions)
+    method = benchmark_method(cfg, device)
+    model = method.model
+    step = Step(model, method.loss_fn, torch.optim.SGD(model.parameters(), lr=0.0), device, precision, method.teacher,
+                batch_regions(method.regions))
     step(batch)
     with FlopCounterMode(display=False) as counter:
         step(batch)
@@ -145,7 +151,8 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(0)
     if cfg.model.get("checkpoint"):
         log.info("benchmark uses random weights: model.checkpoint is ignored")
-    model, loss_fn, teacher, region_source = build_method(cfg, device)
+    method = benchmark_method(cfg, device)
+    model, loss_fn, teacher, region_source = method.model, method.loss_fn, method.teacher, batch_regions(method.regions)
     if cfg.trainer.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     freeze_unused_parameters(model, loss_fn, precision, teacher)  # as the trainer does, before compiling

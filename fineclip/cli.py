@@ -11,15 +11,10 @@ from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from fineclip.data import AnnotationError, ImageLoadError
-from fineclip.models import CheckpointError
+from fineclip.errors import USER_ERRORS, ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what to set."""
 
 
 def check_required_paths(cfg: DictConfig) -> None:
@@ -52,19 +47,10 @@ def check_config(cfg: DictConfig) -> None:
         require_data_root(cfg.eval.get("benchmark"), "eval.benchmark")
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by the input (config, files, data), reported as one message and exit status 1."""
-    from fineclip.engine.trainer import NonFiniteLossError, ResumeError
-    from fineclip.eval.protocols import ProtocolError
-
-    return (ConfigError, AnnotationError, ImageLoadError, CheckpointError, FileNotFoundError, NonFiniteLossError,
-            ResumeError, ProtocolError)
-
-
 def exit_on_user_error(run: Callable[[], T], log: logging.Logger) -> T:
     """``run()``; a user error is logged as one message (no traceback) and exits with status 1."""
     try:
         return run()
-    except user_errors() as err:
+    except USER_ERRORS as err:
         log.error("%s", err)
         sys.exit(1)

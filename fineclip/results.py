@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from hydra.utils import get_class
 
 COLUMNS = (  # (key, header, format)
     ("box/top1", "box top-1", "{:.1f}"),
@@ -63,8 +64,10 @@ def roles(config: dict) -> str:
     if not teacher:
         return ""
     teacher = teacher.rsplit(".", 1)[-1].removesuffix("Teacher").lower()
-    target = regions.get("_target_", "boxes").rsplit(".", 1)[-1]
-    source = regions.get("source") or target.removesuffix("Regions").lower()
+    source = regions.get("source")  # configs written before region sources had a _target_
+    if not source:
+        target = regions.get("_target_")
+        source = get_class(target).name if target else "boxes"
     return f"{teacher} / {source}"
 
 

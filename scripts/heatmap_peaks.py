@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from fineclip.evaluate import load_model
+from fineclip.engine.load import load_model
 from fineclip.viz.peaks import heatmap_peak_rate
 
 

@@ -57,7 +57,7 @@ def test_gt_and_rule_give_back_the_generators_region_captions(tmp_path, syntheti
 
 
 def test_two_workers_and_a_resumed_run_merge_to_the_one_process_file(tmp_path, synthetic_root, monkeypatch, caplog):
-    from fineclip.cli import ConfigError
+    from fineclip.errors import ConfigError
 
     images = f"images={synthetic_root / 'train.json'}"
     one = tmp_path / "one.json"
@@ -120,7 +120,7 @@ def test_a_folder_of_images_with_boxes_from_a_file(tmp_path, synthetic_root):
 
 
 def test_rule_captioner_without_classes_is_a_clear_error(tmp_path, synthetic_root):
-    from fineclip.cli import ConfigError
+    from fineclip.errors import ConfigError
 
     with pytest.raises(ConfigError, match="captioner=rule"):
         _run(f"images={synthetic_root / 'train'}", f"out={tmp_path / 'o.json'}")

@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fineclip.data import AnnotationError, RegionCaptionDataset, load_region_annotations
+from fineclip.data import RegionCaptionDataset, load_region_annotations
 from fineclip.data.convert_coco import convert
 from fineclip.data.retrieval import load_coco_captions, load_karpathy_split
+from fineclip.errors import AnnotationError
 from fineclip.eval.metrics import retrieval_recall
-from fineclip.eval.prompts import cached_class_embeddings, class_embeddings, template_prompts
+from fineclip.models.prompts import cached_class_embeddings, class_embeddings, template_prompts
 
 
 def _image(path, size=(40, 30)):

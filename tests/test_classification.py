@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fineclip.data import AnnotationError
+from fineclip.errors import AnnotationError
 from fineclip.eval.classification import image_folder, zero_shot_classification
 
 

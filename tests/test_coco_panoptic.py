@@ -57,7 +57,9 @@ def test_panoptic_boxes_things_from_json_stuff_from_the_png(tmp_path):
 
 def test_box_only_evaluation_on_panoptic_boxes(tmp_path, tiny_model):
     from fineclip.data import RegionCaptionDataset
-    from fineclip.eval import class_embeddings, evaluate, extract_features, format_metrics
+    from fineclip.eval import evaluate, extract_features, format_metrics
+    from fineclip.eval.box_retrieval import BoxRetrieval
+    from fineclip.models.prompts import class_embeddings
 
     _write_fixture(tmp_path)
     dataset = RegionCaptionDataset.from_panoptic(
@@ -73,12 +75,14 @@ def test_box_only_evaluation_on_panoptic_boxes(tmp_path, tiny_model):
     assert metrics["box/top1"] == pytest.approx(100 * sum(hits) / 2)  # two classes, one box each
     assert metrics["box/overall_top1"] == pytest.approx(100 * sum(hits) / 2)
     assert (metrics["box/boxes"], metrics["box/images"], metrics["box/protocol"]) == (2, 1, "box_default")
-    assert "retrieval" not in format_metrics(metrics) and "2 boxes on 1 images" in format_metrics(metrics)
+    text = format_metrics(metrics, [BoxRetrieval()])
+    assert "retrieval" not in text and "2 boxes on 1 images" in text
 
 
 def test_thing_and_stuff_accuracy_are_per_class_means_over_each_kind(tmp_path, tiny_model):
     from fineclip.data import RegionCaptionDataset
-    from fineclip.eval import class_embeddings, evaluate, extract_features
+    from fineclip.eval import evaluate, extract_features
+    from fineclip.models.prompts import class_embeddings
 
     _write_fixture(tmp_path)
     dataset = RegionCaptionDataset.from_panoptic(

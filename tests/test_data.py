@@ -7,14 +7,9 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from fineclip.data import (
-    AnnotationError,
-    ImageLoadError,
-    RegionCaptionDataset,
-    collate_regions,
-    load_region_annotations,
-)
+from fineclip.data import RegionCaptionDataset, collate_regions, load_region_annotations
 from fineclip.data.synthetic import COLOURS, SHAPES, generate
+from fineclip.errors import AnnotationError, ImageLoadError
 
 
 def test_synthetic_data_round_trips_through_pycocotools(synthetic_root):

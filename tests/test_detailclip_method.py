@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from fineclip.cli import CONFIG_DIR, ConfigError
+from fineclip.cli import CONFIG_DIR
 from fineclip.data.views import make_views, view_params
-from fineclip.engine.trainer import check_teacher_provides
+from fineclip.engine.build import check_features_provided
+from fineclip.errors import ConfigError
 from fineclip.methods import DetailCLIPTeacher, SelfTeacher
 from fineclip.models import create_model
 from fineclip.models.attention import cls_attention, kept_tokens
@@ -76,16 +77,57 @@ def test_teacher_views_kept_tokens_targets_and_centres():
     torch.testing.assert_close(out["teacher_cls"], head[:, 0].view(2, 3, -1))
     for row in range(6):
         torch.testing.assert_close(out["teacher_patch"][row], head[row, 1:][~out["keep"][row]])
-    # centres: the loss sees the old ones; then c ← 0.9·c + 0.1·(mean of this step's teacher outputs)
-    assert torch.equal(out["centers"], old_centers)
+    # centres: the loss sees the old ones; after the optimizer step c ← 0.9·c + 0.1·(mean of its teacher outputs)
+    assert torch.equal(out["centers"], old_centers) and torch.equal(teacher.centers, old_centers)
     cls_mean = head[:, 0].double().mean(0)
     patch_mean = head[:, 1:].double().reshape(-1, head.shape[-1]).mean(0)
     expected = torch.stack([0.9 * old_centers[0].double() + 0.1 * cls_mean,
                             0.9 * old_centers[1].double() + 0.1 * patch_mean])
-    # (the second call above moved them once more: undo it by recomputing from the first call's)
-    teacher.centers = old_centers.clone()
+    teacher.begin_step()  # (drops what the two calls above gathered)
     teacher.features(batch, teacher.provides)
+    teacher.after_step(model, 1, 10)
     torch.testing.assert_close(teacher.centers.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_centres_move_once_per_optimizer_step_from_all_its_micro_batches_and_not_on_skipped_steps():
+    """DINO/iBOT update the centres once per optimizer step from the whole batch. With K = 2 micro-batches
+    the update is c ← 0.9·c + 0.1·(mean over both), not two updates; a step skipped for a non-finite
+    loss (begin_step, no after_step) leaves them and leaks nothing into the next step."""
+    model = _model()
+    teacher = DetailCLIPTeacher(seed=1)
+    teacher.setup(model)
+    old = torch.randn(2, teacher.centers.shape[1]) * 0.1
+    teacher.centers = old.clone()
+    means = []
+    teacher.begin_step()
+    for ids in ([1, 2], [3, 4]):
+        out = teacher.features(_batch(ids), teacher.provides)
+        assert torch.equal(out["centers"], old)  # every micro-batch of the step sees the same centres
+        means.append(torch.stack([out["teacher_cls"].double().reshape(-1, out["teacher_cls"].shape[-1]).mean(0),
+                                  _patch_mean(teacher, out)]))
+    teacher.after_step(model, 1, 10)
+    expected = 0.9 * old.double() + 0.1 * (means[0] + means[1]) / 2
+    torch.testing.assert_close(teacher.centers.double(), expected, rtol=1e-5, atol=1e-6)
+
+    after_first = teacher.centers.clone()
+    teacher.begin_step()
+    teacher.features(_batch([5, 6]), teacher.provides)  # this step's loss is not finite: no after_step
+    assert torch.equal(teacher.centers, after_first)
+    teacher.begin_step()
+    out = teacher.features(_batch([7, 8]), teacher.provides)
+    teacher.after_step(model, 2, 10)
+    mean = torch.stack([out["teacher_cls"].double().reshape(-1, out["teacher_cls"].shape[-1]).mean(0),
+                        _patch_mean(teacher, out)])
+    torch.testing.assert_close(teacher.centers.double(), 0.9 * after_first.double() + 0.1 * mean, rtol=1e-5,
+                               atol=1e-6)
+
+
+def _patch_mean(teacher, out) -> torch.Tensor:
+    """The mean of the teacher head over every patch token (kept and removed) of the views."""
+    tokens = _normed_tokens(teacher.model.clip.visual, out["views"])
+    with torch.no_grad():
+        head = teacher.model.detail.head(tokens)
+    return head[:, 1:].double().reshape(-1, head.shape[-1]).mean(0)
 
 
 def test_teacher_temperatures_follow_the_epoch_and_probe_keeps_centres():
@@ -114,7 +156,7 @@ def test_ema_follows_the_cosine_momentum_on_the_image_tower_and_head_only():
     student = {k: v.detach().double() for k, v in model.named_parameters()}
     step, total = 3, 10
     teacher.after_step(model, step, total)
-    m = 1 - (1 - 0.9) * (math.cos(math.pi * step / total) + 1) / 2
+    m = 1 - (1 - 0.9) * (math.cos(math.pi * (step - 1) / total) + 1) / 2  # DINO's schedule, indexed 0 … N−1
     followed = 0
     for name, param in teacher.model.named_parameters():
         if name.startswith(("clip.visual.", "detail.head.")):
@@ -134,7 +176,7 @@ def test_student_pass_decoder_and_heads():
         keep[row, torch.randperm(64, generator=g)[:28]] = True
     seen = []
     hook = model.detail.decoder.block.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    out = model.encode_views_detail(views, keep, batch=2)
+    out = model.detail(model, torch.zeros(2, 3, 64, 64), {"views": views, "keep": keep}, model.detail.provides)
     hook.remove()
     visual, decoder = model.clip.visual, model.detail.decoder
     with torch.no_grad():
@@ -160,8 +202,9 @@ def test_student_pass_decoder_and_heads():
 def test_detailclip_loss_without_its_teacher_is_a_config_error():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["method=detailclip", "teacher=self"])
+    model = instantiate(cfg.model)
     with pytest.raises(ConfigError, match="method=detailclip"):
-        check_teacher_provides(cfg, instantiate(cfg.loss), SelfTeacher())
+        check_features_provided(instantiate(cfg.loss), model, SelfTeacher())
 
 
 def test_detailclip_trains_evaluates_everything_and_reproduces_from_its_checkpoint(tmp_path, synthetic_root):

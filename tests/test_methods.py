@@ -13,7 +13,7 @@ from fineclip.data.random_batch import random_batch
 from fineclip.engine.step import forward_loss, train_step
 from fineclip.engine.trainer import train
 from fineclip.losses import FineCLIPLoss
-from fineclip.methods import EMATeacher, FrozenTeacher, GridRegions, ema_momentum, grid_layouts
+from fineclip.methods import EMATeacher, FrozenTeacher, GridRegions, grid_layouts
 from fineclip.models import create_model
 
 
@@ -99,7 +99,9 @@ def test_frozen_teacher_distils_from_the_initial_model_and_never_changes():
     assert not any(p.requires_grad for p in teacher.model.parameters())
 
 
-def test_ema_teacher_follows_its_formula():
+def test_ema_teacher_follows_dinos_momentum_schedule_indexed_from_zero():
+    """DINO: momentum_schedule[it] for it = 0 … N−1, so the first update uses the base momentum and the
+    last one is still an update (m < 1). Before the fix the update after step k used m_k (m_N = 1: a no-op)."""
     torch.manual_seed(0)
     model = create_model("fineclip-tiny", freeze_text=False).double().train()
     teacher = EMATeacher(momentum=0.9)
@@ -107,17 +109,18 @@ def test_ema_teacher_follows_its_formula():
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_fn = FineCLIPLoss(gc_weight=1, sd_weight=1, rc_weight=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    total = 4
+    total, momenta = 4, []
     for step in range(1, total + 1):
         batch = random_batch(2, 2, 64, step=step)
         batch["regions"] = batch["regions"].double()
         train_step(model, loss_fn, optimizer, [batch], teacher=teacher)
         teacher.after_step(model, step, total)
-        m = 1 - (1 - 0.9) * (math.cos(math.pi * step / total) + 1) / 2
-        assert ema_momentum(step, total, 0.9) == pytest.approx(m)
+        # DINO's cosine_scheduler(0.9, 1, ...)[step - 1], written out
+        m = 1 + 0.5 * (0.9 - 1) * (1 + math.cos(math.pi * (step - 1) / total))
+        momenta.append(m)
         for name, param in model.named_parameters():
             expected[name] = m * expected[name] + (1 - m) * param.detach()
-    assert ema_momentum(0, total, 0.9) == pytest.approx(0.9) and ema_momentum(total, total, 0.9) == 1.0
+    assert momenta[0] == pytest.approx(0.9) and momenta[-1] < 1 - 1e-3
     for name, param in teacher.model.named_parameters():
         torch.testing.assert_close(param, expected[name], rtol=1e-12, atol=1e-12, msg=name)
     assert any(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in teacher.model.named_parameters())
@@ -160,19 +163,19 @@ def test_methods_set_loss_teacher_and_regions_and_the_command_line_still_wins():
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="train", overrides=list(overrides))
         weights = (cfg.loss.gc_weight, cfg.loss.sd_weight, cfg.loss.rc_weight)
-        return weights, cfg.teacher._target_.rsplit(".", 1)[1], cfg.regions.get("_target_", "boxes")
+        return weights, cfg.teacher._target_.rsplit(".", 1)[1], cfg.regions._target_.rsplit(".", 1)[1]
 
-    assert composed() == ((1, 1, 1), "SelfTeacher", "boxes")  # method=fineclip, the default
-    assert composed("method=clip") == ((1, 0, 0), "SelfTeacher", "boxes")
-    assert composed("method=clipself") == ((0, 1, 0), "FrozenTeacher", "fineclip.methods.GridRegions")
-    assert composed("method=clipself", "regions=boxes") == ((0, 1, 0), "FrozenTeacher", "boxes")
-    assert composed("method=fineclip", "teacher=ema") == ((1, 1, 1), "EMATeacher", "boxes")
+    assert composed() == ((1, 1, 1), "SelfTeacher", "BoxRegions")  # method=fineclip, the default
+    assert composed("method=clip") == ((1, 0, 0), "SelfTeacher", "BoxRegions")
+    assert composed("method=clipself") == ((0, 1, 0), "FrozenTeacher", "GridRegions")
+    assert composed("method=clipself", "regions=boxes") == ((0, 1, 0), "FrozenTeacher", "BoxRegions")
+    assert composed("method=fineclip", "teacher=ema") == ((1, 1, 1), "EMATeacher", "BoxRegions")
 
 
 def test_clipself_releases_the_alpha_ensemble_of_student_and_initial_weights(tmp_path):
     from fineclip.data.synthetic import generate
+    from fineclip.engine.load import load_model
     from fineclip.eval import evaluate
-    from fineclip.evaluate import load_model
 
     data_root = generate(tmp_path / "data", train=16, val=4, size=64, seed=4)
     overrides = [f"data.root={data_root}", "data.batch_size=4", "trainer.progress=false", "trainer.epochs=1",
@@ -193,7 +196,7 @@ def test_clipself_releases_the_alpha_ensemble_of_student_and_initial_weights(tmp
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         eval_cfg = compose(config_name="evaluate", overrides=[f"data.root={data_root}", f"checkpoint={ensembled}"])
     model, _ = load_model(eval_cfg)
-    from fineclip.eval.runner import build_eval_set
+    from fineclip.eval.eval_set import build_eval_set
 
     again = evaluate(model, build_eval_set(eval_cfg, 64, 8), templates=list(cfg.data.templates), progress=False)
     assert again == pytest.approx(metrics)

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fineclip.eval import box_accuracy, class_embeddings, retrieval_recall
+from fineclip.eval import box_accuracy, retrieval_recall
+from fineclip.models.prompts import class_embeddings
 
 
 def _brute_force_recall(image_emb, text_emb, text_to_image, k):

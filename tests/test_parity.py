@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
 from fineclip.cli import CONFIG_DIR
+from fineclip.data import loader as loader_module
 from fineclip.data.sampler import GlobalBatchSampler
 from fineclip.data.synthetic import generate
 from fineclip.engine import trainer as trainer_module
@@ -43,7 +44,7 @@ def test_parity_mode_rank0_equals_one_process_on_its_shard(tmp_path, monkeypatch
         return GlobalBatchSampler(num_samples, batch_size, seed, rank=0, world_size=2)
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer_module, "GlobalBatchSampler", shard0)
+        patch.setattr(loader_module, "GlobalBatchSampler", shard0)
         trainer_module.train(_cfg(data_root, 4), tmp_path / "shard0")
     trainer_module.train(_cfg(data_root, 8), tmp_path / "global")  # the synchronised objective
     parity, alone, synced = (_weights(tmp_path / d) for d in ("parity", "shard0", "global"))

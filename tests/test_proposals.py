@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fineclip.cli import CONFIG_DIR, ConfigError
-from fineclip.data import AnnotationError, RegionCaptionDataset
+from fineclip.cli import CONFIG_DIR
+from fineclip.data import RegionCaptionDataset
 from fineclip.data.annotations import load_region_annotations
 from fineclip.data.proposals import with_proposals
 from fineclip.engine.trainer import train
+from fineclip.errors import AnnotationError, ConfigError
 
 
 def _proposals():

@@ -12,9 +12,9 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from fineclip.cli import CONFIG_DIR
-from fineclip.engine.trainer import seed_everything
+from fineclip.engine.rng import seed_everything
+from fineclip.errors import MissingImagesError
 from fineclip.eval.protocols import VILD_TEMPLATES, vild_prompts
-from fineclip.eval.runner import MissingImagesError
 from fineclip.evaluate import run as evaluate_run
 
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
@@ -262,7 +262,7 @@ def test_a_missing_benchmark_image_stops_the_evaluation_unless_allowed(tmp_path)
 
 
 def test_a_protocol_on_the_wrong_data_is_refused(tmp_path):
-    from fineclip.eval.protocols import ProtocolError
+    from fineclip.errors import ProtocolError
 
     root = _instances_root(tmp_path)
     with pytest.raises(ProtocolError, match="box_cs is defined on data=coco_panoptic, not on data=coco_instances"):

@@ -59,7 +59,7 @@ def test_rows_name_loss_terms_teacher_and_regions():
     assert loss_terms(weights) == "gc + 0.5·sd + crop"
     assert loss_terms({"objective": "sigmoid", "gc_weight": 0.0, "distill_weight": 1.0}) == "distill (sigmoid)"
     assert roles({"teacher": {"_target_": "fineclip.methods.FrozenTeacher"},
-                  "regions": {"_target_": "fineclip.methods.GridRegions"}}) == "frozen / grid"
+                  "regions": {"_target_": "fineclip.methods.regions.GridRegions"}}) == "frozen / grid"
     assert roles({"teacher": {"_target_": "fineclip.methods.EMATeacher"}, "regions": {"source": "proposals"}}) == \
         "ema / proposals"
     assert roles({}) == ""

@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 
 from fineclip.cli import CONFIG_DIR
 from fineclip.engine.optim import build_scheduler
-from fineclip.engine.trainer import ResumeError, train
+from fineclip.engine.trainer import train
+from fineclip.errors import ResumeError
 
 
 def expected_lr(k, total, warmup, peak, floor, start=0.0):

@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from fineclip.data import AnnotationError
-from fineclip.eval.prompts import DEFAULT_TEMPLATES
+from fineclip.errors import AnnotationError
 from fineclip.eval.segmentation import (
     IGNORE,
     SegmentationSet,
@@ -19,6 +18,7 @@ from fineclip.eval.segmentation import (
     segmentation_metrics,
     zero_shot_miou,
 )
+from fineclip.models.prompts import DEFAULT_TEMPLATES
 
 
 def _brute_force_miou(pred, target, num_classes):
@@ -144,7 +144,7 @@ def test_evaluate_data_ade20k_segments_without_boxes_or_captions(tmp_path):
     from hydra.utils import instantiate
 
     from fineclip.cli import CONFIG_DIR
-    from fineclip.engine.trainer import seed_everything
+    from fineclip.engine.rng import seed_everything
     from fineclip.evaluate import run
 
     root = _ade20k_root(tmp_path, ("training", "validation"))

@@ -167,7 +167,7 @@ def test_evaluation_during_training_uses_the_configured_benchmark(tmp_path):
     """eval.benchmark (any data config) is what is evaluated every epoch and at the end."""
     from fineclip.engine.trainer import train
     from fineclip.eval import evaluate
-    from fineclip.eval.runner import build_eval_set
+    from fineclip.eval.eval_set import build_eval_set
 
     overrides = [
         f"cache_dir={tmp_path / 'cache'}", "data.synthetic.train=32", "data.synthetic.val=8", "data.batch_size=16",

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fineclip.viz.maps import kmeans_map, pca_rgb, text_heatmap
+from fineclip.eval.maps import kmeans_map, pca_rgb, text_heatmap
 
 
 def test_kmeans_map_has_the_requested_clusters_on_the_token_grid():
@@ -75,8 +75,8 @@ def test_class_heatmaps_of_a_fine_tuned_model_peak_inside_the_objects(tmp_path):
 
     from fineclip.cli import CONFIG_DIR
     from fineclip.data.synthetic import generate
+    from fineclip.engine.load import load_model
     from fineclip.engine.trainer import train
-    from fineclip.evaluate import load_model
     from fineclip.models import create_model
     from fineclip.viz.peaks import heatmap_peak_rate
 
@@ -212,8 +212,8 @@ def test_viz_of_a_checkpoint_writes_every_picture_and_a_true_confusion(tmp_path,
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fineclip.evaluate import load_model
-    from fineclip.viz.maps import feature_panel
+    from fineclip.engine.load import load_model
+    from fineclip.eval.maps import feature_panel
 
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
     events.Reload()

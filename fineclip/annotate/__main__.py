@@ -11,7 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fineclip.cli import CONFIG_DIR, ConfigError, exit_on_user_error
+from fineclip.cli import CONFIG_DIR, exit_on_user_error
+from fineclip.errors import ConfigError
 
 log = logging.getLogger("fineclip.annotate")
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fineclip.annotate.proposers import Proposal
-from fineclip.annotate.rules import rule_caption
+from fineclip.data.captions import rule_caption
 
 DEFAULT_PROMPT = "Describe this image in one sentence."  # the paper's BLIP-2 prompt
 

@@ -26,8 +26,8 @@ from torchvision.ops import nms
 from torchvision.transforms.functional import pil_to_tensor
 
 from fineclip.annotate.sources import ImageRecord
-from fineclip.data.annotations import AnnotationError
 from fineclip.data.proposals import read_proposals
+from fineclip.errors import AnnotationError
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from fineclip.data.annotations import AnnotationError, read_annotation_json
+from fineclip.data.annotations import read_annotation_json
+from fineclip.errors import AnnotationError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
+from fineclip.errors import AnnotationError
+
 log = logging.getLogger(__name__)
 
-
-class AnnotationError(ValueError):
-    """An annotation file that cannot be used; the message names the file and the record."""
 
 
 @dataclass

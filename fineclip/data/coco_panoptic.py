@@ -20,13 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fineclip.data.annotations import (
-    AnnotationError,
-    ImageRecord,
-    RegionAnnotations,
-    check_fields,
-    read_annotation_json,
-)
+from fineclip.data.annotations import ImageRecord, RegionAnnotations, check_fields, read_annotation_json
+from fineclip.errors import AnnotationError
 
 log = logging.getLogger(__name__)
 

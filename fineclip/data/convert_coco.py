@@ -40,7 +40,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from fineclip.data.annotations import AnnotationError, check_fields, read_annotation_json
+from fineclip.data.annotations import check_fields, read_annotation_json
+from fineclip.errors import AnnotationError
 
 PROPOSAL_CATEGORY = {"id": 0, "name": "region", "supercategory": "region"}
 

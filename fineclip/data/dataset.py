@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,7 @@ from torch.utils.data import Dataset
 
 from fineclip.data.annotations import RegionAnnotations, load_region_annotations
 from fineclip.data.proposals import with_proposals
-
-
-class ImageLoadError(RuntimeError):
-    """An image file that cannot be decoded; the message names the file and the image id."""
-
+from fineclip.errors import ImageLoadError
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
@@ -109,6 +107,31 @@ def segment_masks(png: Path, segment_ids: np.ndarray, grid: tuple[int, int], mod
     return out
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How images and their extras are read: what an evaluation protocol fixes (``fineclip.eval.protocols``).
+
+    resize "squash" | "longest" (padded right/bottom); interpolation "bicubic" | "bilinear"; crop_mode
+    "" | "letterbox" | "tight" with crops of ``crop_size`` cut from the full-resolution image; panoptic
+    masks on the dense grid ``mask_grid`` (mask pooling), or None.
+    """
+
+    resize: str = "squash"
+    interpolation: str = "bicubic"
+    crop_mode: str = ""
+    crop_size: int = 0
+    mask_grid: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, settings: Mapping | Reading | None) -> Reading:
+        if settings is None or isinstance(settings, Reading):
+            return settings or cls()
+        values = dict(settings)
+        if values.get("mask_grid") is not None:
+            values["mask_grid"] = tuple(values["mask_grid"])
+        return cls(**values)
+
+
 class RegionCaptionDataset(Dataset):
     """One item per image: resized image, caption(s), boxes in resized pixels, region captions.
 
@@ -116,6 +139,9 @@ class RegionCaptionDataset(Dataset):
     when there are more). train=False: all captions and all regions (up to ``max_regions``, in
     file order). Sampling depends only on (seed, epoch, index), so it is the same with any number
     of workers and after a resume.
+
+    ``box_reading`` is how a data set with categories is read (its box protocol), ``caption_reading``
+    how a captions-only one is (its retrieval protocol); both squash bicubically by default.
     """
 
     def __init__(
@@ -125,16 +151,15 @@ class RegionCaptionDataset(Dataset):
         train: bool = True,
         max_regions: int = 20,
         seed: int = 0,
+        box_reading: Mapping | Reading | None = None,
+        caption_reading: Mapping | Reading | None = None,
     ) -> None:
         self.records = annotations.records
         self.categories = annotations.categories
         self.stats = annotations.stats
         self.stuff_ids = annotations.stuff_ids
         self.missing = annotations.missing
-        # evaluation protocols set these (fineclip.eval.protocols): resize mode, resampling, extras
-        self.resize, self.interpolation = "squash", "bicubic"
-        self.crop_mode, self.crop_size = "", 0  # "letterbox"/"tight": crops from the full-resolution image
-        self.mask_grid: tuple[int, int] | None = None  # panoptic masks on the dense grid (mask pooling)
+        self.reading = Reading.of(box_reading if self.categories else caption_reading)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.train = train
         self.max_regions = max_regions
@@ -153,6 +178,7 @@ class RegionCaptionDataset(Dataset):
         seed: int = 0,
         require_captions: bool = True,
         proposals: dict | None = None,
+        **reading,
     ) -> RegionCaptionDataset:
         """``proposals`` = {file, min_score, max_per_image}: the regions are the proposals of a
         COCO-format file instead of the file's own boxes (``fineclip/data/proposals.py``)."""
@@ -163,7 +189,7 @@ class RegionCaptionDataset(Dataset):
         if proposals:
             annotations = with_proposals(annotations, proposals["file"], proposals.get("min_score", 0.0),
                                          proposals.get("max_per_image", 100), min_box_area)
-        return cls(annotations, image_size, train=train, max_regions=max_regions, seed=seed)
+        return cls(annotations, image_size, train=train, max_regions=max_regions, seed=seed, **reading)
 
     @classmethod
     def from_panoptic(
@@ -175,13 +201,14 @@ class RegionCaptionDataset(Dataset):
         max_regions: int = 100,
         min_box_area: float = 64.0,
         reference_boxes: bool = False,
+        **reading,
     ) -> RegionCaptionDataset:
         """COCO panoptic segments as boxes, for box classification (no captions)."""
         from fineclip.data.coco_panoptic import load_panoptic_boxes
 
         annotations = load_panoptic_boxes(panoptic_json, png_folder, image_root, min_box_area, max_regions,
                                           reference_boxes=reference_boxes)
-        return cls(annotations, image_size, train=False, max_regions=max_regions)
+        return cls(annotations, image_size, train=False, max_regions=max_regions, **reading)
 
     @classmethod
     def from_instances(
@@ -191,29 +218,32 @@ class RegionCaptionDataset(Dataset):
         image_size: int = 224,
         max_regions: int = 100,
         min_box_area: float = 64.0,
+        **reading,
     ) -> RegionCaptionDataset:
         """A COCO instances file (e.g. ``instances_val2017.json``, 80 classes), for box classification."""
         return cls.from_file(ann_file, image_root, image_size, train=False, max_regions=max_regions,
-                             min_box_area=min_box_area, require_captions=False)
+                             min_box_area=min_box_area, require_captions=False, **reading)
 
     @classmethod
     def from_coco_captions(
-        cls, captions_json: str, image_root: str, image_size: int = 224, max_captions: int | None = 5
+        cls, captions_json: str, image_root: str, image_size: int = 224, max_captions: int | None = 5, **reading
     ) -> RegionCaptionDataset:
         """A COCO captions file (e.g. ``captions_val2017.json``: 5K images), for retrieval."""
         from fineclip.data.retrieval import load_coco_captions
 
-        return cls(load_coco_captions(captions_json, image_root, max_captions), image_size, train=False)
+        return cls(load_coco_captions(captions_json, image_root, max_captions), image_size, train=False, **reading)
 
     @classmethod
     def from_karpathy(
         cls, karpathy_json: str, image_root: str, split: str = "test", image_size: int = 224,
         max_captions: int | None = 5,
+        **reading,
     ) -> RegionCaptionDataset:
         """One split of a Karpathy-format file (COCO 5K test, Flickr30K 1K test), for retrieval."""
         from fineclip.data.retrieval import load_karpathy_split
 
-        return cls(load_karpathy_split(karpathy_json, image_root, split, max_captions), image_size, train=False)
+        return cls(load_karpathy_split(karpathy_json, image_root, split, max_captions), image_size, train=False,
+                   **reading)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -225,7 +255,8 @@ class RegionCaptionDataset(Dataset):
         record = self.records[index]
         rng = np.random.default_rng((self.seed, self.epoch, index))
         original = read_rgb(record.path, record.image_id)
-        image, scale_x, scale_y = resize_image(original, self.image_size, self.resize, self.interpolation)
+        reading = self.reading
+        image, scale_x, scale_y = resize_image(original, self.image_size, reading.resize, reading.interpolation)
         keep = np.arange(len(record.boxes))
         if len(keep) > self.max_regions:
             if self.train:
@@ -248,11 +279,12 @@ class RegionCaptionDataset(Dataset):
             "region_captions": [record.region_captions[k] for k in keep],
             "category_ids": torch.from_numpy(record.category_ids[keep]),
         }
-        if self.crop_mode:
+        if reading.crop_mode:
             thing = np.array([int(c) not in self.stuff_ids for c in record.category_ids[keep]], dtype=bool)
-            item["crops"] = region_crops(original, record.boxes[keep], thing, self.crop_size, self.crop_mode)
-        if self.mask_grid is not None:
-            item["masks"] = segment_masks(record.segments_png, record.segment_ids[keep], self.mask_grid, self.resize)
+            item["crops"] = region_crops(original, record.boxes[keep], thing, reading.crop_size, reading.crop_mode)
+        if reading.mask_grid is not None:
+            item["masks"] = segment_masks(record.segments_png, record.segment_ids[keep], reading.mask_grid,
+                                          reading.resize)
         return item
 
 

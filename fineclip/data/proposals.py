@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fineclip.data.annotations import AnnotationError, RegionAnnotations, clean_box
+from fineclip.data.annotations import RegionAnnotations, clean_box
+from fineclip.errors import AnnotationError
 
 log = logging.getLogger(__name__)
 

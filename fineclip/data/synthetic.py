@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from fineclip.annotate.rules import rule_caption
+from fineclip.data.captions import rule_caption
 
 VERSION = 7  # bump when the output for a given seed changes
 SHAPES = (

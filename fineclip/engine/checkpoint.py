@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fineclip.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
@@ -40,7 +42,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated/corrupt files raise many types
-        raise RuntimeError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from err
 
 
 def save_step_checkpoint(state: dict[str, Any], folder: str | Path, step: int, keep: int = 2) -> Path:
@@ -72,6 +74,6 @@ def load_latest_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] | 
     for path in step_checkpoints(folder):
         try:
             return path, load_checkpoint(path)
-        except RuntimeError as err:
+        except CheckpointError as err:
             log.warning("%s; falling back to an older checkpoint", err)
     return None

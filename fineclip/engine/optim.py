@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-log = logging.getLogger(__name__)
+from fineclip.errors import ConfigError
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -42,10 +40,27 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 
+def warmup_length(total_steps: int, warmup_steps: int | None, warmup_fraction: float | None) -> int:
+    """W: ``warmup_steps`` when given, else ``round(warmup_fraction · N)``. A warmup that does not end
+    before the last step (W ≥ N) is refused: the cosine would never run."""
+    if warmup_steps is None:
+        fraction = 0.0 if warmup_fraction is None else float(warmup_fraction)
+        if not 0.0 <= fraction < 1.0:
+            raise ConfigError(f"optim.scheduler.warmup_fraction={warmup_fraction}: use a fraction of the run in [0, 1)")
+        return round(fraction * total_steps)
+    if warmup_steps >= total_steps > 0:
+        raise ConfigError(
+            f"optim.scheduler.warmup_steps={warmup_steps} is not shorter than the run's {total_steps} optimizer steps: "
+            "the lr would never reach its peak and the cosine would never run. Set a smaller warmup_steps, or "
+            "optim.scheduler.warmup_steps=null optim.scheduler.warmup_fraction=0.05 (a fraction of the run)")
+    return int(warmup_steps)
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float = 0.0, warmup_lr: float = 0.0
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int | None = None, min_lr: float = 0.0,
+    warmup_lr: float = 0.0, warmup_fraction: float | None = None,
 ) -> CosineLRScheduler:
-    """The lr of optimizer step k = 1 … N (N = ``total_steps``, W = ``warmup_steps``, peak = the
+    """The lr of optimizer step k = 1 … N (N = ``total_steps``, W = ``warmup_length(...)``, peak = the
     optimizer's lr), set by ``scheduler.step_update(k)`` before the step:
 
         k ≤ W:  warmup_lr + (peak − warmup_lr) · k / W                      (linear warmup)
@@ -53,11 +68,7 @@ def build_scheduler(
 
     so step W runs at the peak and the last step, N, at ``min_lr``.
     """
-    if warmup_steps >= total_steps:  # a short run: keep the last step for the floor
-        shorter = max(total_steps - 1, 0)
-        log.warning("warmup_steps=%d does not fit a run of %d steps: warming up over %d", warmup_steps, total_steps,
-                    shorter)
-        warmup_steps = shorter
+    warmup_steps = warmup_length(total_steps, warmup_steps, warmup_fraction)
     return CosineLRScheduler(
         optimizer,
         t_initial=total_steps - warmup_steps,

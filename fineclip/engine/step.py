@@ -97,6 +97,8 @@ def train_step(
     forward_model = ddp_model if ddp_model is not None else model
     count = len(micro_batches)
     optimizer.zero_grad(set_to_none=True)
+    if teacher is not None:
+        teacher.begin_step()
     losses, parts_sum, stop_anywhere = [], {}, stop_requested
     for i, batch in enumerate(micro_batches):
         batch = move_batch(batch, device)

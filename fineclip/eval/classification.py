@@ -15,8 +15,9 @@ import torch
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from fineclip.data.annotations import AnnotationError
-from fineclip.eval.prompts import class_embeddings
+from fineclip.errors import AnnotationError
+from fineclip.eval.evaluators import Evaluator
+from fineclip.models.prompts import DEFAULT_TEMPLATES, class_embeddings
 
 
 def image_folder(root: str | Path, size: int) -> tuple[ImageFolder, list[str]]:
@@ -64,3 +65,24 @@ def zero_shot_classification(model, root: str | Path, templates: Sequence[str], 
     model.train(was_training)
     return {"zeroshot/images": float(len(dataset)), "zeroshot/classes": float(len(names)),
             "zeroshot/top1": 100 * correct1 / len(dataset), "zeroshot/top5": 100 * correct5 / len(dataset)}
+
+
+class ZeroShotClassification(Evaluator):
+    """Zero-shot image classification over the class-per-folder directory ``root`` (off when None)."""
+
+    name = "zeroshot"
+
+    def __init__(self, root: str | None = None, templates: Sequence[str] | None = None) -> None:
+        super().__init__(enabled=root is not None)
+        self.root = root
+        self.templates = list(templates or DEFAULT_TEMPLATES)
+
+    def __call__(self, model, cfg, device, dataset=None, crop_model=None, progress: bool = True) -> dict:
+        return zero_shot_classification(model, self.root, self.templates, cfg.eval.batch_size, device)
+
+    def format(self, metrics: dict) -> list[str]:
+        if "zeroshot/top1" not in metrics:
+            return []
+        return [f"zero-shot classification: {metrics['zeroshot/images']:.0f} images, "
+                f"{metrics['zeroshot/classes']:.0f} classes   top-1 {metrics['zeroshot/top1']:.1f}   "
+                f"top-5 {metrics['zeroshot/top5']:.1f}"]

@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
+from fineclip.errors import ProtocolError
+from fineclip.models.prompts import DEFAULT_TEMPLATES
+
 # The ViLD prompt ensemble as the public CLIPSelf text-embedding script writes it ({article} = a/an).
 VILD_TEMPLATES = (
     "There is {article} {} in the scene.",
@@ -100,9 +103,6 @@ VILD_TEMPLATES = (
 )
 
 
-class ProtocolError(ValueError):
-    """An unknown protocol, or one used on data it is not defined for."""
-
 
 def processed_name(name: str) -> str:
     """Class name as the prompts use it: ``_`` -> space, ``/`` -> " or ", lower case, no final dot."""
@@ -165,6 +165,13 @@ def evaluation_source(cfg: DictConfig) -> DictConfig:
     """The data config that is evaluated: ``eval.benchmark`` if set (any data config, e.g.
     ``+data@eval.benchmark=coco_panoptic``), else ``data`` (its ``val`` split)."""
     return cfg.eval.get("benchmark") or cfg.data
+
+
+def evaluation_templates(cfg: DictConfig) -> list[str]:
+    """The class-name prompt templates of an evaluation (box_default, segmentation, the logged and drawn
+    maps): ``eval.templates``, else the ``templates`` of the evaluated data config, else
+    ``DEFAULT_TEMPLATES``. The one place this choice is made."""
+    return list(cfg.eval.get("templates") or evaluation_source(cfg).get("templates") or DEFAULT_TEMPLATES)
 
 
 def protocol_name(cfg: DictConfig) -> str | None:

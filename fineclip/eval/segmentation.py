@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fineclip.data.annotations import AnnotationError, read_annotation_json
+from fineclip.data.annotations import read_annotation_json
+from fineclip.errors import AnnotationError, ProtocolError
+from fineclip.eval.evaluators import Evaluator
+from fineclip.eval.protocols import evaluation_source, evaluation_templates
 
 log = logging.getLogger(__name__)
 IGNORE = 255
@@ -161,7 +164,7 @@ def zero_shot_miou(features: torch.Tensor, labels: torch.Tensor, class_emb: torc
     classes = F.normalize(class_emb.float(), dim=-1)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     for start in range(0, len(features), chunk):
-        feats = F.normalize(features[start : start + chunk], dim=1)
+        feats = F.normalize(features[start : start + chunk].float(), dim=1)
         logits = torch.einsum("bdhw,cd->bchw", feats, classes)
         confusion += confusion_matrix(predict(logits, labels.shape[-2:]), labels[start : start + chunk], len(classes))
     return mean_iou(confusion)
@@ -203,7 +206,7 @@ def segmentation_metrics(model, seg_cfg, templates, batch_size: int = 32, device
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from fineclip.eval.prompts import class_embeddings
+    from fineclip.models.prompts import class_embeddings
 
     def build(node) -> SegmentationSet:  # resolved in place: its paths point into the data config
         return instantiate(OmegaConf.to_container(node, resolve=True), size=model.image_size[0])
@@ -219,3 +222,28 @@ def segmentation_metrics(model, seg_cfg, templates, batch_size: int = 32, device
         metrics["seg/linear_probe_miou"] = linear_probe_miou(
             train_feats, train_labels, val_feats, val_labels, len(val.class_names), steps=probe_steps)
     return metrics
+
+
+class Segmentation(Evaluator):
+    """Zero-shot and linear-probe mIoU on the evaluated data config's ``segmentation`` section."""
+
+    name = "segmentation"
+
+    def __init__(self, enabled: bool = False, probe_steps: int = 500) -> None:
+        super().__init__(enabled)
+        self.probe_steps = int(probe_steps)
+
+    def __call__(self, model, cfg, device, dataset=None, crop_model=None, progress: bool = True) -> dict:
+        seg_cfg = evaluation_source(cfg).get("segmentation")
+        if not seg_cfg:
+            raise ProtocolError("eval.segmentation=true needs a data config with a `segmentation` section "
+                                "(data=synthetic and data=ade20k have one)")
+        return segmentation_metrics(model, seg_cfg, evaluation_templates(cfg), cfg.eval.batch_size, device,
+                                    probe_steps=self.probe_steps)
+
+    def format(self, metrics: dict) -> list[str]:
+        if "seg/zero_shot_miou" not in metrics:
+            return []
+        probe = metrics.get("seg/linear_probe_miou")
+        return [f"segmentation: {metrics['seg/images']:.0f} images   zero-shot mIoU {metrics['seg/zero_shot_miou']:.1f}"
+                + (f"   linear-probe mIoU {probe:.1f}" if probe is not None else "")]

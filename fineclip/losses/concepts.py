@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fineclip.eval.prompts import DEFAULT_TEMPLATES, class_embeddings
 from fineclip.losses.gather import gather_ragged_rows, global_count, world_size
+from fineclip.models.prompts import DEFAULT_TEMPLATES, class_embeddings
 
 
 def read_concepts(source: str | None, class_names: Sequence[str]) -> list[str]:
@@ -73,7 +73,7 @@ class ConceptDistillation(_ConceptTerm):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         self._check_ready()
-        student, teacher = features["region_emb"], features["crop_emb"].detach()
+        student, teacher = features["region_emb"], features["crop_emb_nograd"]
         c = self.concept_emb.to(student.dtype)
         log_p = F.log_softmax(F.normalize(student, dim=-1) @ c.t() / self.temperature, dim=-1)
         log_q = F.log_softmax(F.normalize(teacher, dim=-1).to(c.dtype) @ c.t() / self.temperature, dim=-1)
@@ -118,7 +118,7 @@ class ConceptSigmoid(_ConceptTerm):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         self._check_ready()
-        student, teacher = features["region_emb"], features["crop_emb"].detach()
+        student, teacher = features["region_emb"], features["crop_emb_nograd"]
         c = self.concept_emb.to(student.dtype)
         labels = (F.normalize(teacher, dim=-1).to(c.dtype) @ c.t()).argmax(dim=-1)
         all_labels, valid, _ = gather_ragged_rows(labels[:, None].float())

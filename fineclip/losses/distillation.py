@@ -22,11 +22,10 @@ class SelfDistillation(nn.Module):
         super().__init__()
         self.detach_teacher = detach_teacher
         # a detached teacher needs no autograd graph for the crop pass at all
-        self.requires = frozenset({"region_emb", "crop_emb_nograd" if detach_teacher else "crop_emb"})
+        self.crop_key = "crop_emb_nograd" if detach_teacher else "crop_emb"
+        self.requires = frozenset({"region_emb", self.crop_key})
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        student, teacher = features["region_emb"], features["crop_emb"]
-        if self.detach_teacher:
-            teacher = teacher.detach()
+        student, teacher = features["region_emb"], features[self.crop_key]
         total = (1 - F.cosine_similarity(student, teacher, dim=-1)).sum()
         return total * world_size() / global_count(student.shape[0], student.device).clamp(min=1)

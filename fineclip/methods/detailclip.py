@@ -10,7 +10,8 @@ Per step, for a batch of B images (``features``):
     keep      the patch tokens of the top ⌊cells²·r⌋ + 1 cells of that map pooled to cells × cells
               (7 × 7 for a 14 × 14 grid: half the grid's side), r = 0.5
     targets   the teacher head on its CLS token and on the removed patch tokens of every view;
-              the centres c_cls, c_patch as they were before this step, then updated (momentum 0.9)
+              the centres c_cls, c_patch as they were before this optimizer step; updated once after
+              it (momentum 0.9) from the mean teacher outputs of all its micro-batches and ranks (DINO)
     τ_t       CLS 0.04; patch 0.04 in the first epoch, 0.07 after
 
 After each optimizer step the image tower and the head follow the student with momentum
@@ -59,6 +60,7 @@ class DetailCLIPTeacher(EMATeacher):
         self.seed = seed
         self.epoch = 0
         self.centers: torch.Tensor | None = None  # (2, K): c_cls, c_patch
+        self.pending: list[torch.Tensor] = []  # this step's (2, K) means of the teacher outputs, per micro-batch
 
     def setup(self, model: FineCLIPModel) -> None:
         if model.detail is None:
@@ -95,13 +97,27 @@ class DetailCLIPTeacher(EMATeacher):
         cls, patch = out[:, 0].view(self.views, len(images), -1), out[:, 1:]
         removed = ~keep
         centers = self.centers
-        self.centers = torch.stack([update_center(centers[0], cls.float(), self.center_momentum),
-                                    update_center(centers[1], patch.float(), self.center_momentum)])
+        self.pending.append(torch.stack([cls.float().reshape(-1, cls.shape[-1]).mean(0),
+                                         patch.float().reshape(-1, patch.shape[-1]).mean(0)]))
         return {
             "views": views, "keep": keep, "teacher_cls": cls,
             "teacher_patch": patch[removed].view(len(views), int(removed[0].sum()), -1),
             "centers": centers, "teacher_temperature": torch.tensor(self.temperatures(), device=views.device),
         }
+
+    def begin_step(self) -> None:
+        self.pending = []
+
+    @torch.no_grad()
+    def after_step(self, model: FineCLIPModel, step: int, total_steps: int) -> None:
+        """The EMA update, then the centres' one update of the optimizer step: c ← m·c + (1 − m)·mean of
+        the teacher outputs of the step's micro-batches (equal sizes), averaged over the ranks."""
+        super().after_step(model, step, total_steps)
+        if self.pending:
+            step_mean = torch.stack(self.pending).mean(0)
+            self.centers = torch.stack([update_center(self.centers[i], step_mean[i], self.center_momentum)
+                                        for i in range(2)])
+        self.pending = []
 
     @contextlib.contextmanager
     def probe(self):
@@ -109,7 +125,7 @@ class DetailCLIPTeacher(EMATeacher):
         try:
             yield
         finally:
-            self.centers = centers
+            self.centers, self.pending = centers, []
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "centers": self.centers}

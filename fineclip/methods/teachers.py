@@ -4,8 +4,9 @@
   side of L_SD carries gradient unless ``loss.detach_teacher``).
 - ``FrozenTeacher`` — a copy of the initial model that never changes (CLIPSelf, RegionCLIP).
 - ``EMATeacher`` — a copy updated after every optimizer step as θ_t ← m_k·θ_t + (1 − m_k)·θ_s,
-  with m_k rising from ``momentum`` to 1 on a cosine over the run (DetailCLIP, DINO):
-  m_k = 1 − (1 − momentum)·(cos(π·k/N) + 1)/2 after step k of N.
+  with m rising from ``momentum`` towards 1 on a cosine over the run (DetailCLIP, DINO): the update
+  after optimizer step k = 1 … N uses m_{k−1}, m_i = 1 − (1 − momentum)·(cos(π·i/N) + 1)/2, so the
+  first update uses ``momentum`` itself and the last one m_{N−1} < 1 (DINO's schedule, indexed 0 … N−1).
 
 A copy is outside the optimizer and outside DDP (a separate module on the same device), runs
 without autograd, and is saved with the checkpoint (so a resumed run continues with the same one).
@@ -46,8 +47,11 @@ class Teacher:
         which parameters the loss uses runs one forward)."""
         return contextlib.nullcontext()
 
+    def begin_step(self) -> None:
+        """Called before the first micro-batch of every optimizer step (what a skipped step gathered is dropped)."""
+
     def after_step(self, model: FineCLIPModel, step: int, total_steps: int) -> None:
-        """Called after optimizer step ``step`` (1-based) of ``total_steps``."""
+        """Called once after optimizer step ``step`` (1-based) of ``total_steps``, when it was taken (finite loss)."""
 
     def final_weights(self, model: FineCLIPModel) -> dict[str, torch.Tensor] | None:
         """The weights to release at the end of training, when they are not the student's."""
@@ -86,11 +90,14 @@ class FrozenTeacher(Teacher):
     @torch.no_grad()
     def features(self, batch, need) -> dict[str, torch.Tensor]:
         images, regions = batch["images"], batch["regions"]
-        if not (need & CROP_FEATURES):
+        names = need & CROP_FEATURES
+        if not names:
             return {}
         if not len(regions):
-            return {"crop_emb": images.new_zeros((0, self.model.embed_dim), dtype=torch.float32)}
-        return {"crop_emb": self.model.encode_crops(self.model.normalize_pixels(images), regions)}
+            crops = images.new_zeros((0, self.model.embed_dim), dtype=torch.float32)
+        else:
+            crops = self.model.encode_crops(self.model.normalize_pixels(images), regions)
+        return dict.fromkeys(names, crops)
 
     @torch.no_grad()
     def final_weights(self, model: FineCLIPModel) -> dict[str, torch.Tensor] | None:
@@ -107,9 +114,9 @@ class FrozenTeacher(Teacher):
         self.model.load_state_dict(state["model"])
 
 
-def ema_momentum(step: int, total_steps: int, start: float) -> float:
-    """m_k = 1 − (1 − start)·(cos(π·k/N) + 1)/2: ``start`` at k = 0, 1 at k = N."""
-    return 1.0 - (1.0 - start) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
+def ema_momentum(index: int, total_steps: int, start: float) -> float:
+    """m_i = 1 − (1 − start)·(cos(π·i/N) + 1)/2 for i = 0 … N−1: ``start`` at i = 0, rising towards 1."""
+    return 1.0 - (1.0 - start) * (math.cos(math.pi * index / max(total_steps, 1)) + 1) / 2
 
 
 class EMATeacher(FrozenTeacher):
@@ -127,7 +134,7 @@ class EMATeacher(FrozenTeacher):
 
     @torch.no_grad()
     def after_step(self, model: FineCLIPModel, step: int, total_steps: int) -> None:
-        m = ema_momentum(step, total_steps, self.momentum)
+        m = ema_momentum(step - 1, total_steps, self.momentum)  # step is 1-based, the schedule 0-based
         student = dict(model.named_parameters())
         for name, param in self.model.named_parameters():
             if self.follows is not None and not name.startswith(self.follows):

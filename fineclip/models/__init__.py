@@ -1,12 +1,11 @@
 """Models: the open_clip wrapper with dense features, region pooling and region crops."""
 
-from fineclip.models.factory import CheckpointError, create_model, load_clip_weights, read_state_dict
+from fineclip.models.factory import create_model, load_clip_weights, read_state_dict
 from fineclip.models.fineclip_model import FEATURES, FineCLIPModel
 from fineclip.models.regions import crop_regions, enlarge_boxes, pool_regions
 
 __all__ = [
     "FEATURES",
-    "CheckpointError",
     "FineCLIPModel",
     "create_model",
     "crop_regions",

@@ -72,8 +72,18 @@ def scaled_width(value: int | None, base: int, width: int) -> int:
     return max(8, round(base * width / VIT_B_WIDTH / 8) * 8)
 
 
+# DetailCLIP's student features: view_emb (V, B, D), student_cls (V, B, K), student_patch (V·B, R, K) at the R
+# removed tokens, rec_pred (V·B, N, patch²·3)
+DETAIL_FEATURES = frozenset({"view_emb", "student_cls", "student_patch", "rec_pred"})
+
+
 class DetailCLIPHeads(nn.Module):
-    """The head and the decoder, sized from the image tower."""
+    """The head and the decoder, sized from the image tower, and the student pass that uses them:
+    the model's extra pass (``FineCLIPModel.extra_passes``), which gives ``DETAIL_FEATURES`` from the
+    views and kept tokens that the teacher chose (``taught``)."""
+
+    provides = DETAIL_FEATURES
+    section = "student views"
 
     def __init__(self, width: int, heads: int, grid: tuple[int, int], patch: int, hidden: int | None = None,
                  bottleneck: int | None = None, out_dim: int | None = None, decoder_heads: int | None = None) -> None:
@@ -82,3 +92,23 @@ class DetailCLIPHeads(nn.Module):
                                    scaled_width(bottleneck, VIT_B_HEAD["bottleneck"], width),
                                    scaled_width(out_dim, VIT_B_HEAD["out_dim"], width))
         self.decoder = MaskedDecoder(width, decoder_heads or heads, grid, patch)
+
+    def forward(self, model, images: torch.Tensor, taught: dict, need) -> dict[str, torch.Tensor]:
+        """The student on V·B normalised views (view-major) that keep the tokens where ``taught["keep"]``
+        (V·B, N) is True: the views' embeddings, the head on CLS (encoder) and on the removed tokens
+        (decoder), and the decoder's pixel predictions; only those in ``need``."""
+        views, keep = taught["views"], taught["keep"]
+        x = model.tower.kept_tokens(views, keep)  # (V·B, 1 + K, width), before the final norm
+        views_count = len(views) // len(images)
+        view_emb = F.normalize(model.tower.global_head(x), dim=-1)
+        latent = model.tower.final_norm(x)
+        decoded = self.decoder(latent, keep)[:, 1:]  # (V·B, N, width)
+        removed = ~keep
+        removed_tokens = decoded[removed].view(len(views), int(removed[0].sum()), decoded.shape[-1])
+        out = {
+            "view_emb": view_emb.view(views_count, len(images), -1),
+            "student_cls": self.head(latent[:, 0]).view(views_count, len(images), -1),
+            "student_patch": self.head(removed_tokens),
+            "rec_pred": self.decoder.pixels(decoded),
+        }
+        return {k: v for k, v in out.items() if k in need}

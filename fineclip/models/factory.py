@@ -13,15 +13,14 @@ from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.timm_model import TimmModel
 from open_clip.tokenizer import HFTokenizer
 
+from fineclip.errors import CheckpointError
+from fineclip.models.dense_modes import DenseMode
 from fineclip.models.fineclip_model import FineCLIPModel
 
 log = logging.getLogger(__name__)
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
-
-class CheckpointError(RuntimeError):
-    """A weights file that is missing or cannot be read."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -134,6 +133,7 @@ def create_model(
     hf_pooler: str = "mean_pooler",
     hf_proj: str = "linear",
     detailclip: dict | None = None,
+    dense_mode: DenseMode | None = None,
 ) -> FineCLIPModel:
     """Build ``name`` (any open_clip model with a ViT image tower) with random weights, load a
     local ``checkpoint`` if given, and wrap it. Never downloads anything.
@@ -145,6 +145,9 @@ def create_model(
 
     ``detailclip``: options of DetailCLIP's head and decoder (``DetailCLIPHeads``), added beside the
     CLIP model when ``method=detailclip`` trains it; null otherwise.
+
+    ``dense_mode``: how the last block runs for the dense features (``fineclip/models/dense_modes.py``);
+    None is the value path.
 
     The logit scale θ starts at ``init_logit_scale`` (ln 100) unless the checkpoint brings one.
     ``text_cache_dtype`` is the dtype of the host table of a frozen text tower's caption
@@ -180,6 +183,7 @@ def create_model(
         crop_chunk=crop_chunk,
         text_cache_dtype=None if text_cache_dtype == "auto" else getattr(torch, text_cache_dtype),
         detailclip=dict(detailclip) if detailclip is not None else None,
+        dense_mode=dense_mode,
         mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
         std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
     )

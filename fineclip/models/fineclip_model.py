@@ -2,7 +2,9 @@
 
 One trunk pass gives both the global image embedding and the dense feature map; regions are pooled
 from the dense map with RoIAlign and cropped from the batch on the device; the (frozen by default)
-text tower is cached. Every loss asks for the features it needs by name (see ``FEATURES``).
+text tower is cached. Every loss asks for the features it needs by name; ``provides`` is every name
+the model can compute: ``FEATURES``, ``NO_GRAD_CROPS`` and those of its extra passes (a method's head
+module with a pass of its own, e.g. DetailCLIP's ``DetailCLIPHeads``, declares its ``provides``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fineclip.models.dense_modes import DenseMode, ValuePath
 from fineclip.models.detail_heads import DetailCLIPHeads
 from fineclip.models.regions import crop_regions, enlarge_boxes, pool_regions
 from fineclip.models.text_cache import TextEmbeddingCache
@@ -22,12 +25,7 @@ from fineclip.models.towers import make_tower_adapter
 from fineclip.timing import section
 
 FEATURES = ("image_emb", "text_emb", "region_emb", "crop_emb", "region_text_emb", "dense", "logit_scale")
-# DetailCLIP's student features (need ``detailclip`` heads and the teacher's views and kept tokens):
-# view_emb (V, B, D), student_cls (V, B, K), student_patch (V·B, R, K) at the R removed tokens,
-# rec_pred (V·B, N, patch²·3)
-DETAIL_FEATURES = ("view_emb", "student_cls", "student_patch", "rec_pred")
-# asking for "crop_emb_nograd" instead of "crop_emb" gives crop_emb computed without autograd
-# (a detached teacher): no activations are kept for the crop pass
+# the crop embeddings computed without autograd (a detached teacher): no activations are kept for the crop pass
 NO_GRAD_CROPS = "crop_emb_nograd"
 
 
@@ -42,6 +40,7 @@ class FineCLIPModel(nn.Module):
         crop_chunk: int = 0,
         text_cache_dtype: torch.dtype | None = None,
         detailclip: dict | None = None,
+        dense_mode: DenseMode | None = None,
         mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
         std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
     ) -> None:
@@ -55,6 +54,7 @@ class FineCLIPModel(nn.Module):
         self.crop_chunk = crop_chunk
         self.freeze_text = freeze_text
         self.text_cache = TextEmbeddingCache(text_cache_dtype)
+        self.dense_mode = dense_mode or ValuePath()
         # DetailCLIP's head and decoder (``DetailCLIPHeads`` options), when that method trains the model
         self.detail = DetailCLIPHeads(self.tower.width, self.tower.heads, self.grid_size, self.tower.patch_size[0],
                                       **detailclip) if detailclip is not None else None
@@ -85,15 +85,15 @@ class FineCLIPModel(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One trunk pass -> (v (B, D) normalised, X (B, D, h, w) with each token normalised).
 
-        The blocks before the last run once; then the normal last block gives v and the value-path
-        last block (attention replaced by out_proj(V(ln_1 x))) gives the dense tokens. With
-        ``with_global=False`` the normal last block is not run and v is None.
+        The blocks before the last run once; then the normal last block gives v and the last block in
+        the model's dense mode (``dense_modes.py``; the value path, out_proj(V(ln_1 x)), by default)
+        gives the dense tokens. With ``with_global=False`` the normal last block is not run and v is None.
         """
         x, ctx = self.tower.trunk(pixels)
         image_emb = None
         if with_global:
-            image_emb = F.normalize(self.tower.global_head(self.tower.last_block(x, ctx, value_only=False)), dim=-1)
-        tokens = F.normalize(self.tower.dense_head(self.tower.last_block(x, ctx, value_only=True)), dim=-1)
+            image_emb = F.normalize(self.tower.global_head(self.tower.last_block(x, ctx)), dim=-1)
+        tokens = F.normalize(self.tower.dense_head(self.tower.last_block(x, ctx, self.dense_mode)), dim=-1)
         h, w = pixels.shape[-2] // self.tower.patch_size[0], pixels.shape[-1] // self.tower.patch_size[1]
         dense = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
         return image_emb, dense
@@ -115,26 +115,6 @@ class FineCLIPModel(nn.Module):
             return self.encode_image(crops)
         chunks = crops.split(self.crop_chunk)
         return torch.cat([checkpoint(self.encode_image, c, use_reentrant=False) for c in chunks])
-
-    def encode_views_detail(self, views: torch.Tensor, keep: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
-        """DetailCLIP's student on V·B normalised views (view-major) that keep the tokens where
-        ``keep`` (V·B, N) is True: the views' embeddings, the head on CLS (encoder) and on the removed
-        tokens (decoder), and the decoder's pixel predictions (``DETAIL_FEATURES``)."""
-        if self.detail is None:
-            raise ValueError("DetailCLIP's features need the model built with detailclip heads (method=detailclip)")
-        x = self.tower.kept_tokens(views, keep)  # (V·B, 1 + K, width), before the final norm
-        views_count = len(views) // batch
-        view_emb = F.normalize(self.tower.global_head(x), dim=-1)
-        latent = self.tower.final_norm(x)
-        decoded = self.detail.decoder(latent, keep)[:, 1:]  # (V·B, N, width)
-        removed = ~keep
-        removed_tokens = decoded[removed].view(len(views), int(removed[0].sum()), decoded.shape[-1])
-        return {
-            "view_emb": view_emb.view(views_count, batch, -1),
-            "student_cls": self.detail.head(latent[:, 0]).view(views_count, batch, -1),
-            "student_patch": self.detail.head(removed_tokens),
-            "rec_pred": self.detail.decoder.pixels(decoded),
-        }
 
     # -- text ---------------------------------------------------------------------------------
     def _encode_tokens(self, texts: list[str]) -> torch.Tensor:
@@ -193,6 +173,17 @@ class FineCLIPModel(nn.Module):
         return self
 
     # -- the training forward -------------------------------------------------------------------
+    @property
+    def extra_passes(self) -> list[nn.Module]:
+        """Head modules with a student pass of their own (each with ``provides``, a timing ``section`` name
+        and ``__call__(model, images, taught, need)`` returning those features)."""
+        return [self.detail] if self.detail is not None else []
+
+    @property
+    def provides(self) -> frozenset[str]:
+        """Every feature name ``forward`` can compute."""
+        return frozenset(FEATURES).union({NO_GRAD_CROPS}, *(p.provides for p in self.extra_passes))
+
     def forward(
         self,
         images: torch.Tensor,
@@ -202,13 +193,14 @@ class FineCLIPModel(nn.Module):
         need: Collection[str] = FEATURES,
         taught: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Compute only the features named in ``need`` (a subset of ``FEATURES`` and
-        ``DETAIL_FEATURES``): a parameter that no requested feature depends on takes no part in the
-        step. ``taught``: what the teacher computed before the student (DetailCLIP's views, keep)."""
+        """Compute only the features named in ``need`` (a subset of ``provides``): a parameter that no
+        requested feature depends on takes no part in the step. ``taught``: what the teacher computed
+        before the student (DetailCLIP's views and kept tokens), handed to the extra passes."""
         need = set(need)
-        unknown = need - set(FEATURES) - set(DETAIL_FEATURES) - {NO_GRAD_CROPS}
+        unknown = need - self.provides
         if unknown:
-            raise ValueError(f"unknown features {sorted(unknown)}; known: {FEATURES}")
+            raise ValueError(f"features {sorted(unknown)} are not computed by this model; it gives "
+                             f"{sorted(self.provides)} (a method's head module adds its own, e.g. method=detailclip)")
         pixels = self.normalize_pixels(images)
         out: dict[str, torch.Tensor] = {}
         if "logit_scale" in need:
@@ -226,16 +218,20 @@ class FineCLIPModel(nn.Module):
         if "crop_emb" in need or NO_GRAD_CROPS in need:
             with section("crop pass"):
                 if not len(regions):
-                    out["crop_emb"] = pixels.new_zeros((0, self.embed_dim))
+                    crops = pixels.new_zeros((0, self.embed_dim))
                 elif "crop_emb" in need:
-                    out["crop_emb"] = self.encode_crops(pixels, regions)
+                    crops = self.encode_crops(pixels, regions)
                 else:
                     with torch.no_grad():
-                        out["crop_emb"] = self.encode_crops(pixels, regions)
-        if need & set(DETAIL_FEATURES):
-            with section("student views"):
-                detail = self.encode_views_detail(taught["views"], taught["keep"], len(images))
-            out.update({k: v for k, v in detail.items() if k in need})
+                        crops = self.encode_crops(pixels, regions)
+            if "crop_emb" in need:
+                out["crop_emb"] = crops
+            if NO_GRAD_CROPS in need:
+                out[NO_GRAD_CROPS] = crops.detach()
+        for extra in self.extra_passes:
+            if need & extra.provides:
+                with section(extra.section):
+                    out.update(extra(self, images, taught or {}, need))
         texts: list[str] = []
         if "text_emb" in need:
             texts += list(captions)

@@ -3,9 +3,8 @@
 FineCLIP needs two outputs from one trunk pass: the global embedding (normal last block) and dense
 features (value-path last block, CLIPSelf-style). Both open_clip tower kinds are covered:
 ``VisionTransformer`` (e.g. ``ViT-B-16``) and ``TimmModel`` around a timm ``Eva`` (e.g.
-``EVA02-B-16``). The value path is obtained by running the *unchanged* last block with an identity
-attention mask: each token attends only to itself, so softmax(q·kᵀ + mask) = I and the attention
-output is out_proj(V(ln_1(x))) exactly, followed by the block's usual MLP residual.
+``EVA02-B-16``). ``last_block(x, ctx, mode)`` runs the normal last block (``mode=None``) or a dense
+mode of it (``fineclip/models/dense_modes.py``; the value path by default).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import torch
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fineclip.models.attention import (
     encode_kept_tokens,
@@ -22,19 +20,8 @@ from fineclip.models.attention import (
     eva_tokens_and_cls_attention,
     tokens_and_cls_attention,
 )
-
-
-def identity_attention_mask(num_tokens: int, device, dtype) -> torch.Tensor:
-    """Additive mask (N, N): 0 on the diagonal, -inf elsewhere."""
-    mask = torch.full((num_tokens, num_tokens), float("-inf"), device=device, dtype=dtype)
-    return mask.fill_diagonal_(0.0)
-
-
-def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool, **kwargs) -> torch.Tensor:
-    """``block(x, **kwargs)``, recomputed in backward instead of stored when ``use_checkpoint``."""
-    if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(block, x, use_reentrant=False, **kwargs)
-    return block(x, **kwargs)
+from fineclip.models.blocks import run_block
+from fineclip.models.dense_modes import DenseMode
 
 
 class TowerAdapter:
@@ -50,7 +37,17 @@ class TowerAdapter:
     def trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def last_block(self, x: torch.Tensor, ctx: dict, value_only: bool) -> torch.Tensor:
+    def last_block(self, x: torch.Tensor, ctx: dict, mode: DenseMode | None = None) -> torch.Tensor:
+        """The last block on the trunk's output: as it is (``mode=None``) or in a dense mode."""
+        block, use_checkpoint = self.blocks()[-1], self.grad_checkpointing()
+        if mode is None:
+            return run_block(block, x, use_checkpoint, **ctx)
+        return mode(block, x, ctx, use_checkpoint)
+
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def grad_checkpointing(self) -> bool:
         raise NotImplementedError
 
     def global_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,12 +94,11 @@ class OpenCLIPViTAdapter(TowerAdapter):
             x = run_block(block, x, ckpt)
         return x, {}
 
-    def last_block(self, x, ctx, value_only):
-        block = self.visual.transformer.resblocks[-1]
-        ckpt = self.visual.transformer.grad_checkpointing
-        if not value_only:
-            return run_block(block, x, ckpt)
-        return run_block(block, x, ckpt, attn_mask=identity_attention_mask(x.shape[1], x.device, x.dtype))
+    def blocks(self):
+        return self.visual.transformer.resblocks
+
+    def grad_checkpointing(self):
+        return self.visual.transformer.grad_checkpointing
 
     def global_head(self, x):
         pooled, _ = self.visual._pool(x)
@@ -144,13 +140,11 @@ class TimmEvaAdapter(TowerAdapter):
             x = run_block(block, x, trunk.grad_checkpointing, **kwargs)
         return x, kwargs
 
-    def last_block(self, x, ctx, value_only):
-        block = self.visual.trunk.blocks[-1]
-        ckpt = self.visual.trunk.grad_checkpointing
-        if not value_only:
-            return run_block(block, x, ckpt, **ctx)
-        mask = identity_attention_mask(x.shape[1], x.device, x.dtype)
-        return run_block(block, x, ckpt, attn_mask=mask, **ctx)
+    def blocks(self):
+        return self.visual.trunk.blocks
+
+    def grad_checkpointing(self):
+        return self.visual.trunk.grad_checkpointing
 
     def global_head(self, x):
         trunk = self.visual.trunk

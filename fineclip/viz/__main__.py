@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from fineclip.cli import CONFIG_DIR, ConfigError, exit_on_user_error
+from fineclip.cli import CONFIG_DIR, exit_on_user_error
+from fineclip.errors import ConfigError
 
 log = logging.getLogger("fineclip.viz")
 
@@ -108,20 +109,21 @@ def write_index(out: Path, pictures: list[tuple[str, Path]], title: str) -> Path
 @torch.no_grad()
 def run(cfg: DictConfig) -> dict[str, Path]:
     from fineclip.engine.distributed import resolve_device
-    from fineclip.engine.trainer import seed_everything
-    from fineclip.eval.protocols import box_protocol
-    from fineclip.eval.runner import build_eval_set, class_embeddings_and_labels, extract_features
+    from fineclip.engine.load import chosen_model, load_model
+    from fineclip.engine.rng import seed_everything
+    from fineclip.eval.box_retrieval import class_embeddings_and_labels, extract_features
+    from fineclip.eval.eval_set import build_eval_set
+    from fineclip.eval.maps import kmeans_map, pca_rgb, text_heatmap
+    from fineclip.eval.protocols import box_protocol, evaluation_templates
     from fineclip.eval.segmentation import confusion_matrix
-    from fineclip.evaluate import load_model
     from fineclip.viz import figures
-    from fineclip.viz.maps import kmeans_map, pca_rgb, text_heatmap
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     checkpoint = Path(cfg.checkpoint)
     run_dir = checkpoint.parent.parent
     out = Path(cfg.out) if cfg.out else run_dir / "viz"
-    model, _ = load_model(cfg)
+    model, _ = load_model(cfg, chosen_model())
     model = model.to(device).eval()
     models = {"after" if cfg.before else "model": model}
     if cfg.before:
@@ -132,7 +134,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     if dataset is None and not cfg.images:
         raise ConfigError(f"data={cfg.data.get('name', '?')} has no val split: give images=a.jpg,b.jpg")
     names = dict(dataset.categories) if dataset is not None else {}
-    templates = list(cfg.eval.get("templates") or cfg.data.get("templates") or ["a photo of a {}."])
+    templates = evaluation_templates(cfg)
     template = templates[0]
     shown = load_images(cfg, dataset, size)
     pixels = torch.stack([im for im, _ in shown]).to(device)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fineclip.viz.maps import text_heatmap
+from fineclip.eval.maps import text_heatmap
 
 
 @dataclass

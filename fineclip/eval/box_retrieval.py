@@ -1,4 +1,4 @@
-"""Box classification and retrieval over a dataset in the fineclip schema, in one batched pass.
+"""Box classification and retrieval over a data set in the fineclip schema, in one batched pass.
 
 Every result records the protocol that made it (``fineclip.eval.protocols``) and what it scored:
 ``box/protocol``, ``box/images``, ``box/boxes``, ``retrieval/protocol``, ``retrieval/images``,
@@ -12,32 +12,24 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fineclip.data import RegionCaptionDataset, collate_regions
-from fineclip.data.synthetic import prepare_synthetic
-from fineclip.eval.classification import zero_shot_classification
+from fineclip.eval.evaluators import Evaluator
 from fineclip.eval.metrics import box_accuracy, retrieval_recall
-from fineclip.eval.prompts import DEFAULT_TEMPLATES, cached_class_embeddings, template_prompts
 from fineclip.eval.protocols import (
     BOX_PROTOCOLS,
     BoxProtocol,
-    ProtocolError,
-    RetrievalProtocol,
     box_protocol,
     evaluation_source,
+    evaluation_templates,
     retrieval_protocol,
     vild_prompts,
 )
-from fineclip.eval.segmentation import segmentation_metrics
 from fineclip.models import FineCLIPModel
-
-
-class MissingImagesError(ProtocolError):
-    """Benchmark images that are not on disk: evaluating without them would change the benchmark."""
+from fineclip.models.prompts import DEFAULT_TEMPLATES, cached_class_embeddings, template_prompts
 
 
 def mask_pool(dense: torch.Tensor, masks: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
@@ -191,128 +183,46 @@ def box_metrics(model, dataset, feats, templates, cache_dir, protocol: BoxProtoc
     return metrics
 
 
-def build_eval_set(
-    cfg: DictConfig, image_size: int, patch_size: int | None = None, crop_size: int | None = None
-) -> RegionCaptionDataset | None:
-    """The evaluation data set of a composed config (None if it has no ``val``), read and resized as
-    its box/retrieval protocol says: images at ``image_size``, mask-pooling masks on the grid of
-    ``patch_size``, box crops at ``crop_size`` (default ``image_size``). Missing image files stop
-    the evaluation with their list, unless ``eval.allow_missing=true`` (then they are skipped and
-    counted in the metrics)."""
-    source = evaluation_source(cfg)
-    if source.get("val") is None:
-        return None
-    prepare_synthetic(source)
-    box, retrieval = box_protocol(cfg), retrieval_protocol(cfg)
-    overrides = {"image_size": image_size}
-    target = source.val.get("_target_", "")
-    if target.endswith("from_panoptic"):
-        overrides["reference_boxes"] = box.reference_panoptic_boxes
-    if target.endswith(("from_coco_captions", "from_karpathy")):
-        overrides["max_captions"] = retrieval.max_captions
-    dataset: RegionCaptionDataset = instantiate(source.val, **overrides)
-    if dataset.missing and not cfg.eval.get("allow_missing", False):
-        shown = "\n".join(f"  {p}" for p in dataset.missing[:20])
-        more = f"\n  ... and {len(dataset.missing) - 20} more" if len(dataset.missing) > 20 else ""
-        raise MissingImagesError(
-            f"{len(dataset.missing)} image(s) of the benchmark are missing; without them the numbers would not be "
-            f"the benchmark's:\n{shown}{more}\nrestore them, or set eval.allow_missing=true to score the rest "
-            "(the count is recorded as missing_images)"
+class BoxRetrieval(Evaluator):
+    """``evaluate`` on the evaluation set, with the protocol, templates, batch size, workers and class
+    cache of a composed config. Templates (box_default): ``evaluation_templates(cfg)``."""
+
+    name = "box_retrieval"
+
+    def __call__(self, model, cfg: DictConfig, device, dataset=None, crop_model=None, progress: bool = True) -> dict:
+        if dataset is None:
+            return {}
+        cache = cfg.eval.get("class_cache_dir") if model.freeze_text else None  # a trained text tower changes
+        return evaluate(
+            model, dataset, templates=evaluation_templates(cfg), batch_size=cfg.eval.batch_size,
+            num_workers=evaluation_source(cfg).get("num_workers", 0), device=device, progress=progress,
+            class_cache_dir=cache, crop_boxes=bool(cfg.eval.get("crop_boxes", False)), box=box_protocol(cfg),
+            retrieval=retrieval_protocol(cfg).name, crop_model=crop_model,
         )
-    configure_protocol(dataset, box, retrieval, image_size, patch_size, crop_size or image_size)
-    return dataset
 
-
-def configure_protocol(dataset: RegionCaptionDataset, box: BoxProtocol, retrieval: RetrievalProtocol,
-                       image_size: int, patch_size: int | None, crop_size: int) -> None:
-    """Set the data set's resizing and extras (crops, masks) as the protocols say."""
-    if dataset.categories:
-        dataset.resize, dataset.interpolation = box.resize, box.interpolation
-        if "crops" in box.extras:
-            dataset.crop_mode, dataset.crop_size = box.crop, crop_size
-        if "maskpool" in box.extras and patch_size:
-            dataset.mask_grid = (image_size // patch_size, image_size // patch_size)
-    else:
-        dataset.interpolation = retrieval.interpolation
-
-
-def describe_eval_set(cfg: DictConfig) -> str:
-    val = evaluation_source(cfg).val
-    for key in ("ann_file", "panoptic_json", "captions_json", "karpathy_json"):
-        if val.get(key):
-            return str(val[key])
-    return str(val.get("_target_"))
-
-
-def segmentation_from_config(model: FineCLIPModel, cfg: DictConfig, device) -> dict[str, float]:
-    """Zero-shot and linear-probe mIoU on the evaluated data config's ``segmentation`` section."""
-    source = evaluation_source(cfg)
-    seg_cfg = source.get("segmentation")
-    if not seg_cfg:
-        raise ProtocolError("eval.segmentation=true needs a data config with a `segmentation` section "
-                            "(data=synthetic and data=ade20k have one)")
-    templates = cfg.eval.get("templates") or source.get("templates") or DEFAULT_TEMPLATES
-    return segmentation_metrics(model, seg_cfg, list(templates), cfg.eval.batch_size, device,
-                                probe_steps=int(cfg.eval.get("probe_steps", 500)))
-
-
-def evaluate_from_config(
-    model: FineCLIPModel, dataset: RegionCaptionDataset, cfg: DictConfig, device, progress: bool = True,
-    crop_model: FineCLIPModel | None = None,
-) -> dict[str, float | str]:
-    """``evaluate`` with the protocol, templates, batch size, workers and class cache of a composed
-    config. Templates (box_default): ``eval.templates``, else those of the evaluated data config,
-    else ``DEFAULT_TEMPLATES``."""
-    templates = cfg.eval.get("templates") or evaluation_source(cfg).get("templates") or DEFAULT_TEMPLATES
-    cache = cfg.eval.get("class_cache_dir") if model.freeze_text else None  # a trained text tower changes
-    metrics = evaluate(
-        model, dataset, templates=list(templates), batch_size=cfg.eval.batch_size,
-        num_workers=evaluation_source(cfg).get("num_workers", 0), device=device, progress=progress,
-        class_cache_dir=cache, crop_boxes=bool(cfg.eval.get("crop_boxes", False)), box=box_protocol(cfg),
-        retrieval=retrieval_protocol(cfg).name, crop_model=crop_model,
-    )
-    if cfg.eval.get("segmentation"):
-        metrics.update(segmentation_from_config(model, cfg, device))
-    if cfg.eval.get("zeroshot_root"):
-        zeroshot_templates = list(cfg.eval.get("zeroshot_templates") or DEFAULT_TEMPLATES)
-        metrics.update(zero_shot_classification(model, cfg.eval.zeroshot_root, zeroshot_templates,
-                                                cfg.eval.batch_size, device))
-    return metrics
-
-
-def format_metrics(metrics: dict) -> str:
-    """A short human-readable block of the headline numbers, with the protocol and counts."""
-    lines = []
-    if "box/protocol" in metrics:
-        lines.append(f"box classification [{metrics['box/protocol']}]: {metrics['box/boxes']:.0f} boxes on "
-                     f"{metrics['box/images']:.0f} images")
-    for kind, label in (("", "dense RoI"), ("crop_", "crops (global embedding)"), ("maskpool_", "mask pooling")):
-        if f"box/{kind}top1" in metrics:
-            top1, top5 = metrics[f"box/{kind}top1"], metrics[f"box/{kind}top5"]
-            overall = metrics.get(f"box/{kind}overall_top1")
-            lines.append(f"  {label:26s} top-1 {top1:.1f}   top-5 {top5:.1f}"
-                         + (f"   (overall top-1 {overall:.1f})" if overall is not None else ""))
-        split = [f"{s} top-1 {metrics[f'box/{kind}{s}_top1']:.1f} top-5 {metrics[f'box/{kind}{s}_top5']:.1f}"
-                 for s in ("thing", "stuff") if f"box/{kind}{s}_top1" in metrics]
-        if split:
-            lines.append(f"  {label:26s} " + "   ".join(split))
-    if "retrieval/i2t_r1" in metrics:
-        lines.append(f"retrieval [{metrics['retrieval/protocol']}]: {metrics['retrieval/images']:.0f} images, "
-                     f"{metrics['retrieval/t2i_queries']:.0f} captions")
-        lines.append(
-            "  I2T R@1/5/10 {:.1f} / {:.1f} / {:.1f}   T2I R@1/5/10 {:.1f} / {:.1f} / {:.1f}".format(
-                *(metrics[f"retrieval/{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    def format(self, metrics: dict) -> list[str]:
+        lines = []
+        if "box/protocol" in metrics:
+            lines.append(f"box classification [{metrics['box/protocol']}]: {metrics['box/boxes']:.0f} boxes on "
+                         f"{metrics['box/images']:.0f} images")
+        for kind, label in (("", "dense RoI"), ("crop_", "crops (global embedding)"), ("maskpool_", "mask pooling")):
+            if f"box/{kind}top1" in metrics:
+                top1, top5 = metrics[f"box/{kind}top1"], metrics[f"box/{kind}top5"]
+                overall = metrics.get(f"box/{kind}overall_top1")
+                lines.append(f"  {label:26s} top-1 {top1:.1f}   top-5 {top5:.1f}"
+                             + (f"   (overall top-1 {overall:.1f})" if overall is not None else ""))
+            split = [f"{s} top-1 {metrics[f'box/{kind}{s}_top1']:.1f} top-5 {metrics[f'box/{kind}{s}_top5']:.1f}"
+                     for s in ("thing", "stuff") if f"box/{kind}{s}_top1" in metrics]
+            if split:
+                lines.append(f"  {label:26s} " + "   ".join(split))
+        if "retrieval/i2t_r1" in metrics:
+            lines.append(f"retrieval [{metrics['retrieval/protocol']}]: {metrics['retrieval/images']:.0f} images, "
+                         f"{metrics['retrieval/t2i_queries']:.0f} captions")
+            lines.append(
+                "  I2T R@1/5/10 {:.1f} / {:.1f} / {:.1f}   T2I R@1/5/10 {:.1f} / {:.1f} / {:.1f}".format(
+                    *(metrics[f"retrieval/{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+                )
             )
-        )
-    if "seg/zero_shot_miou" in metrics:
-        probe = metrics.get("seg/linear_probe_miou")
-        lines.append(f"segmentation: {metrics['seg/images']:.0f} images   zero-shot mIoU "
-                     f"{metrics['seg/zero_shot_miou']:.1f}"
-                     + (f"   linear-probe mIoU {probe:.1f}" if probe is not None else ""))
-    if "zeroshot/top1" in metrics:
-        lines.append(f"zero-shot classification: {metrics['zeroshot/images']:.0f} images, "
-                     f"{metrics['zeroshot/classes']:.0f} classes   top-1 {metrics['zeroshot/top1']:.1f}   "
-                     f"top-5 {metrics['zeroshot/top5']:.1f}")
-    if metrics.get("missing_images"):
-        lines.append(f"(eval.allow_missing: {metrics['missing_images']:.0f} missing image(s) not scored)")
-    return "\n".join(lines)
+        if metrics.get("missing_images"):
+            lines.append(f"(eval.allow_missing: {metrics['missing_images']:.0f} missing image(s) not scored)")
+        return lines

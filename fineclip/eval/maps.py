@@ -8,8 +8,15 @@ the similarity of each token to a text.
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fineclip.eval.protocols import evaluation_templates
+
+log = logging.getLogger(__name__)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,3 +94,29 @@ def feature_panel(image: torch.Tensor, dense: torch.Tensor, k: int = 6, text_emb
         heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-8)
         parts.append(torch.from_numpy(colormaps["inferno"](heat.numpy())[..., :3]).float())
     return (torch.cat(parts, dim=1).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def feature_maps(model, dataset, count: int, cfg, device) -> dict[str, np.ndarray]:
+    """{"maps/val_i": ``feature_panel``} of the first ``count`` images of ``dataset``, each with the heatmap of
+    its first box's class prompt (the first template of ``evaluation_templates(cfg)``); images whose dense
+    features are not finite are left out (with a warning)."""
+    count = min(count, len(dataset)) if dataset is not None else 0
+    was_training = model.training
+    model.eval()
+    template = evaluation_templates(cfg)[0]
+    panels = {}
+    for i in range(count):
+        item = dataset[i]
+        pixels = model.normalize_pixels(item["image"][None].to(device))
+        _, dense = model.encode_image_dense(pixels, with_global=False)
+        if not bool(torch.isfinite(dense).all()):
+            log.warning("val image %d: non-finite dense features, no feature maps logged", i)
+            continue
+        text = None
+        if len(item["category_ids"]):
+            name = dataset.categories[int(item["category_ids"][0])]
+            text = model.encode_text([template.format(name)])[0].float().cpu()
+        panels[f"maps/val_{i}"] = feature_panel(item["image"], dense[0].float().cpu(), text_emb=text).numpy()
+    model.train(was_training)
+    return panels
