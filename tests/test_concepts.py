@@ -41,7 +41,7 @@ def test_kl_distillation_equals_the_definition_in_float64():
     student, teacher, concepts = _random_case()
     tau = 0.05  # larger than RegionCLIP's 0.01 so that the gradient is not vanishingly small
     term = _term(ConceptDistillation, concepts, temperature=tau)
-    loss = term({"region_emb": student, "crop_emb": teacher})
+    loss = term({"region_emb": student, "crop_emb_nograd": teacher})
     loss.backward()
     grad = student.grad.clone()
 
@@ -60,14 +60,14 @@ def test_kl_distillation_equals_the_definition_in_float64():
 def test_kl_distillation_is_zero_when_student_matches_teacher():
     _, teacher, concepts = _random_case()
     term = _term(ConceptDistillation, concepts)
-    assert term({"region_emb": 3 * teacher, "crop_emb": teacher}).abs() < 1e-10  # scale-free: cosines
+    assert term({"region_emb": 3 * teacher, "crop_emb_nograd": teacher}).abs() < 1e-10  # scale-free: cosines
 
 
 def test_sigmoid_objective_equals_the_definition_in_float64():
     student, teacher, concepts = _random_case(m=6, k=12)
     scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
     term = _term(ConceptSigmoid, concepts, num_concepts=5, seed=3)
-    loss = term({"region_emb": student, "crop_emb": teacher, "logit_scale": scale})
+    loss = term({"region_emb": student, "crop_emb_nograd": teacher, "logit_scale": scale})
     loss.backward()
     assert scale.grad is None  # the scale is not trained by this term
 
@@ -118,4 +118,4 @@ def test_concept_pool_is_the_template_average_of_each_name(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_concepts(str(tmp_path / "missing.txt"), [])
     with pytest.raises(RuntimeError, match="prepare"):
-        ConceptDistillation()({"region_emb": torch.zeros(1, 4), "crop_emb": torch.zeros(1, 4)})
+        ConceptDistillation()({"region_emb": torch.zeros(1, 4), "crop_emb_nograd": torch.zeros(1, 4)})

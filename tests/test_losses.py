@@ -90,7 +90,7 @@ def test_self_distillation_matches_formula_and_detach_option():
     loss.backward()
     assert vr.grad.abs().sum() > 0  # the paper's setting: gradients reach the crop (teacher) side
     vr.grad = None
-    SelfDistillation(detach_teacher=True)({"region_emb": p, "crop_emb": vr}).backward()
+    SelfDistillation(detach_teacher=True)({"region_emb": p, "crop_emb_nograd": vr}).backward()
     assert vr.grad is None
 
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from fineclip.cli import CONFIG_DIR
 from fineclip.engine.optim import build_scheduler
 from fineclip.engine.trainer import train
-from fineclip.errors import ResumeError
+from fineclip.errors import ConfigError, ResumeError
 
 
 def expected_lr(k, total, warmup, peak, floor, start=0.0):
@@ -37,6 +37,35 @@ def test_schedule_is_linear_warmup_then_cosine_down_to_the_floor_at_the_last_ste
         assert lrs[warmup - 1] == pytest.approx(peak)
         assert all(a < b for a, b in zip(lrs[: warmup - 1], lrs[1:warmup], strict=True))  # rising
     assert all(a >= b for a, b in zip(lrs[warmup:-1], lrs[warmup + 1:], strict=True))  # then never rising
+
+
+def test_a_warmup_that_outlasts_the_run_is_refused_and_a_fraction_scales_with_it():
+    """detailclip_scratch once set 2,000 warmup steps, more than an 8-GPU COCO run of 25 epochs has
+    (~1,425): the lr never peaked and the cosine never ran. Before the fix this warned and shortened it."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(ConfigError, match="warmup_steps=2000 is not shorter than the run's 1425"):
+        build_scheduler(optimizer, total_steps=1425, warmup_steps=2000)
+    with pytest.raises(ConfigError, match="warmup_fraction"):
+        build_scheduler(optimizer, total_steps=100, warmup_fraction=1.0)
+    scheduler = build_scheduler(optimizer, total_steps=1425, warmup_fraction=0.04)  # one epoch of 25
+    lrs = []
+    for k in range(1, 1426):
+        scheduler.step_update(k)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert max(range(1425), key=lrs.__getitem__) + 1 == round(0.04 * 1425) == 57  # the peak, at step W
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_published_experiments_fit_their_warmup_into_the_run():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+experiment=detailclip_scratch"])
+    assert cfg.optim.scheduler.warmup_steps is None and cfg.optim.scheduler.warmup_fraction == pytest.approx(1 / 25)
+
+
+def test_training_with_too_long_a_warmup_stops_before_the_first_step(tmp_path, data_root):
+    with pytest.raises(ConfigError, match="warmup_steps=8 is not shorter"):
+        train(_cfg(data_root, "trainer.epochs=2", "optim.scheduler.warmup_steps=8"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def _cfg(data_root, *extra):

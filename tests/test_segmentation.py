@@ -61,6 +61,13 @@ def test_zero_shot_segmentation_labels_each_token_by_its_nearest_class():
     assert zero_shot_miou(feats, labels, class_emb[[1, 2, 0]]) == 0.0  # every class renamed
 
 
+def test_zero_shot_segmentation_takes_float64_features():
+    """The class embeddings were cast to float32 but the features were not: float64 features crashed."""
+    feats, labels = _separable()
+    class_emb = torch.eye(5)[:3]
+    assert zero_shot_miou(feats.double(), labels, class_emb) == zero_shot_miou(feats, labels, class_emb) == 100.0
+
+
 def test_linear_probe_reaches_the_separable_optimum():
     train_feats, train_labels = _separable(seed=1)
     val_feats, val_labels = _separable(seed=2)

@@ -67,12 +67,26 @@ class HFCaptioner:
 
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"captioner.path={path}: no Hugging Face config.json there")
-        self.device = torch.device(device)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
-        self.model = self.model.eval().to(self.device)
-        self.name = f"hf:{Path(path).name}"
+        device = torch.device(device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
+        self.setup(model, processor, f"hf:{Path(path).name}", prompt, crop_scale, batch_size, max_new_tokens,
+                   num_beams, device)
+
+    @classmethod
+    def from_model(cls, model, processor, name: str = "hf", **options) -> HFCaptioner:
+        """A captioner around a model and processor already in memory (``options`` as ``__init__``'s)."""
+        captioner = cls.__new__(cls)
+        defaults = {"prompt": DEFAULT_PROMPT, "crop_scale": 1.0, "batch_size": 32, "max_new_tokens": 20,
+                    "num_beams": 1, "device": "cpu"} | options
+        captioner.setup(model, processor, name, **{**defaults, "device": torch.device(defaults["device"])})
+        return captioner
+
+    def setup(self, model, processor, name: str, prompt: str, crop_scale: float, batch_size: int,
+              max_new_tokens: int, num_beams: int, device: torch.device) -> None:
+        self.device, self.processor, self.model = device, processor, model.eval().to(device)
+        self.name = name
         self.prompt, self.crop_scale, self.batch_size = prompt, crop_scale, batch_size
         self.generate_options = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
 

@@ -27,5 +27,7 @@ class SelfDistillation(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         student, teacher = features["region_emb"], features[self.crop_key]
+        if self.detach_teacher:
+            teacher = teacher.detach()
         total = (1 - F.cosine_similarity(student, teacher, dim=-1)).sum()
         return total * world_size() / global_count(student.shape[0], student.device).clamp(min=1)

@@ -1,0 +1,274 @@
+"""What only a GPU can show, in one run and one table (scripts/gpu_check.sh starts it):
+
+1. every method= for a few optimizer steps at the real model sizes with random weights (EVA02-B-16 and
+   ViT-B-16 at 224 px, batch 32, 8 regions per image, bf16, torch.compile): does the step run, is the
+   loss finite, step time, images/s, peak memory;
+2. a 1-process NCCL torchrun of the tiny experiment (train + evaluate);
+3. python -m fineclip.benchmark of EVA02-B-16: images/s, peak memory, MFU;
+4. a BLIP-2-sized captioner (blip2-opt-2.7b's dimensions) with random weights: regions/s of fineclip.annotate's
+   HFCaptioner.
+
+Each part runs inside a time budget; a part that fails or is cut prints its reason in the table instead
+of stopping the others. On a CPU, ``--models tiny --precision fp32 --no-compile --batch 4`` checks the
+script itself in a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("fineclip", "clip", "clipself", "regionclip", "regionclip_sigmoid", "detailclip")
+
+
+def compose_benchmark(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="benchmark", overrides=list(overrides))
+
+
+def method_row(model: str, method: str, args) -> dict:
+    """A few optimizer steps of ``method`` on ``model`` with random weights, as the trainer builds them."""
+    from hydra.utils import instantiate
+
+    from fineclip.benchmark import Step, batch_regions, benchmark_method, sync
+    from fineclip.data.random_batch import random_batch
+    from fineclip.engine.build import compile_blocks, freeze_unused_parameters
+    from fineclip.engine.distributed import resolve_device
+    from fineclip.engine.step import resolve_precision
+
+    cfg = compose_benchmark(f"model={model}", f"method={method}", f"batch_size={args.batch}",
+                            f"regions_per_image={args.regions}", f"trainer.precision={args.precision}",
+                            f"trainer.compile={str(args.compile).lower()}", f"trainer.device={args.device}")
+    device = resolve_device(cfg.trainer.device)
+    precision = resolve_precision(device, cfg.trainer.precision)
+    torch.manual_seed(0)
+    method_parts = benchmark_method(cfg, device)
+    model_ = method_parts.model
+    freeze_unused_parameters(model_, method_parts.loss_fn, precision, method_parts.teacher)
+    if cfg.trainer.compile:
+        compile_blocks(model_)
+    optimizer = instantiate(cfg.optim.optimizer, model=model_)
+    step = Step(model_, method_parts.loss_fn, optimizer, device, precision, method_parts.teacher,
+                batch_regions(method_parts.regions))
+    size = model_.image_size[0]
+    batches = [random_batch(args.batch, args.regions, size, i, device) for i in range(2)]
+    start = time.perf_counter()
+    for i in range(args.warmup):
+        step(batches[i % 2])
+    sync(device)
+    first = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    losses = [step(batches[i % 2]) for i in range(args.steps)]
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    finite = all(bool(torch.isfinite(x)) for x in losses)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    del model_, method_parts, optimizer, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"check": f"method={method}", "model": cfg.model.name, "ok": finite,
+            "result": f"loss {losses[-1].item():.3f}{'' if finite else ' NOT FINITE'}; warm-up+compile {first:.0f} s",
+            "step_s": seconds, "images_per_s": args.batch / seconds, "peak_gb": peak}
+
+
+def run_command(name: str, command: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 1),
+                              env={**os.environ, **(env or {})})
+        return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
+    except subprocess.TimeoutExpired as err:
+        return 124, f"{name}: over {timeout:.0f} s\n{err.stdout or ''}", time.perf_counter() - start
+
+
+def torchrun_row(args, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        rc, out, seconds = run_command("torchrun", [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "fineclip.train",
+            "data.synthetic.train=256", "data.synthetic.val=32", "data.batch_size=32", "trainer.epochs=1",
+            "trainer.progress=false", f"trainer.device={args.device}", f"hydra.run.dir={tmp}/run"],
+            timeout, {"FINECLIP_CACHE": f"{tmp}/cache"})
+        metrics = json.loads(Path(tmp, "run", "eval.json").read_text()) if rc == 0 else {}
+    backend = "nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo"
+    result = (f"box top-1 {metrics['box/top1']:.1f}, I2T R@1 {metrics['retrieval/i2t_r1']:.1f}" if metrics
+              else out.strip().splitlines()[-1][:200] if out.strip() else f"exit {rc}")
+    return {"check": f"torchrun 1 process ({backend})", "model": "fineclip-tiny", "ok": rc == 0,
+            "result": f"{result}; {seconds:.0f} s", "step_s": None, "images_per_s": None, "peak_gb": None}
+
+
+def benchmark_row(args, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        rc, out, seconds = run_command("benchmark", [
+            sys.executable, "-m", "fineclip.benchmark", f"model={args.benchmark_model}", f"batch_size={args.batch}",
+            f"trainer.precision={args.precision}", f"trainer.compile={str(args.compile).lower()}",
+            f"trainer.device={args.device}", "steps=10", "warmup_steps=3", "breakdown_steps=2", "loader.workers=[8]",
+            "loader.batches=20", f"output={tmp}/bench.json", f"hydra.run.dir={tmp}/run"], timeout)
+        result = json.loads(Path(tmp, "bench.json").read_text()) if rc == 0 else None
+    if result is None:
+        return {"check": "fineclip.benchmark", "model": args.benchmark_model, "ok": False,
+                "result": (out.strip().splitlines() or [f"exit {rc}"])[-1][:200], "step_s": None,
+                "images_per_s": None, "peak_gb": None}
+    mfu = f"MFU {100 * result['mfu']:.1f} %" if result.get("mfu") else "MFU n/a"
+    loader = ", ".join(f"{w} workers {r:.0f} img/s" for w, r in result["loader_images_per_s"].items())
+    return {"check": "fineclip.benchmark", "model": result["model"], "ok": True,
+            "result": f"{mfu}, {result['achieved_tflops']:.0f} TFLOP/s; loader {loader}; {seconds:.0f} s",
+            "step_s": result["step_s"], "images_per_s": result["images_per_s"], "peak_gb": result["peak_memory_gb"]}
+
+
+def blip2_captioner(device: torch.device, full_size: bool):
+    """BLIP-2 with random weights at blip2-opt-2.7b's dimensions (or a tiny one), and a word-level processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    from fineclip.annotate.captioners import HFCaptioner
+
+    words = ["<pad>", "</s>", "<unk>", "describe", "this", "image", "in", "one", "sentence", "."]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                        bos_token="</s>", unk_token="<unk>")
+    if full_size:  # blip2-opt-2.7b: EVA ViT-g/14 (39 layers, 1408), Q-Former (12 layers, 768), OPT-2.7B
+        vision = Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
+                                   num_attention_heads=16, image_size=224, patch_size=14)
+        qformer = Blip2QFormerConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, encoder_hidden_size=1408)
+        text = OPTConfig(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32,
+                         num_attention_heads=32, word_embed_proj_dim=2560, max_position_embeddings=2048,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=1)
+        size, queries = 224, 32
+    else:
+        small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        vision = Blip2VisionConfig(**small, image_size=32, patch_size=8)
+        qformer = Blip2QFormerConfig(**small, encoder_hidden_size=32, vocab_size=100)
+        text = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                         num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=96, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=1)
+        size, queries = 32, 4
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                         text_config=text.to_dict(), num_query_tokens=queries,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
+                               tokenizer=tokenizer, num_query_tokens=queries)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = Blip2ForConditionalGeneration(config).to(dtype)
+    params = sum(p.numel() for p in model.parameters())
+    return HFCaptioner.from_model(model, processor, name="blip2-random", crop_scale=1.5, batch_size=32,
+                                  max_new_tokens=20, device=str(device)), params
+
+
+def captioner_row(args) -> dict:
+    from PIL import Image
+
+    from fineclip.annotate.proposers import Proposal
+
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    captioner, params = blip2_captioner(device, full_size=not args.tiny_captioner)
+    images = [Image.new("RGB", (640, 480), (40 * i % 255, 90, 160)) for i in range(8)]
+    boxes = [[Proposal([20 * r, 15 * r, 160, 120], 1.0, "gt") for r in range(16)] for _ in images]
+    captioner(images[:1], boxes[:1])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    captioner(images, boxes)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    regions = sum(len(b) for b in boxes)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"check": "BLIP-2 captioner (random weights)", "model": f"{params / 1e9:.2f} B parameters", "ok": True,
+            "result": f"{regions / seconds:.1f} regions/s ({regions} crops, batch 32, 20 new tokens)",
+            "step_s": None, "images_per_s": None, "peak_gb": peak}
+
+
+def table(rows: list[dict]) -> str:
+    def num(v, fmt):
+        return "" if v is None or v != v else format(v, fmt)
+
+    lines = ["| check | model | ok | step (s) | img/s | peak GB | result |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['check']} | {r['model']} | {'yes' if r['ok'] else 'NO'} | {num(r['step_s'], '.3f')} | "
+              f"{num(r['images_per_s'], '.0f')} | {num(r['peak_gb'], '.1f')} | {r['result']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="eva02_b16,vit_b16")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--regions", type=int, default=8)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--benchmark-model", default="eva02_b16")
+    parser.add_argument("--tiny-captioner", action="store_true", help="a tiny BLIP-2 (checks the script on a CPU)")
+    parser.add_argument("--budget-s", type=float, default=450, help="time for all parts; the rest is skipped")
+    parser.add_argument("--out", default=None, help="also write the table (markdown) and rows (json) here")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    rows: list[dict] = []
+
+    def left() -> float:
+        return args.budget_s - (time.perf_counter() - start)
+
+    def attempt(name: str, model: str, part, reserve: float) -> None:
+        if left() < reserve:
+            rows.append({"check": name, "model": model, "ok": False, "result": "skipped: out of time budget",
+                         "step_s": None, "images_per_s": None, "peak_gb": None})
+            return
+        try:
+            rows.append(part())
+        except Exception as err:  # noqa: BLE001 - every part reports its own failure in the table
+            traceback.print_exc()
+            rows.append({"check": name, "model": model, "ok": False, "result": f"{type(err).__name__}: {err}"[:200],
+                         "step_s": None, "images_per_s": None, "peak_gb": None})
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    print(f"gpu_check on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}",
+          flush=True)
+    later = 200  # seconds kept for the benchmark and the captioner, which run last
+    attempt("torchrun", "fineclip-tiny", lambda: torchrun_row(args, min(120, left() - later)), later + 30)
+    for method in args.methods.split(","):
+        for model in args.models.split(","):
+            attempt(f"method={method}", model, lambda m=model, me=method: method_row(m, me, args), later + 20)
+    attempt("fineclip.benchmark", args.benchmark_model, lambda: benchmark_row(args, min(150, left() - 50)), 80)
+    attempt("BLIP-2 captioner", "blip2-opt-2.7b size", lambda: captioner_row(args), 40)
+    text = table(rows)
+    print(f"\n{text}\n\n{time.perf_counter() - start:.0f} s in all", flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "gpu_check.md").write_text(text + "\n")
+        Path(args.out, "gpu_check.json").write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
