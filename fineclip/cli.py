@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from fineclip.errors import USER_ERRORS, ConfigError
+from fineclip.errors import ConfigError, user_error_in
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 T = TypeVar("T")
@@ -51,6 +51,9 @@ def exit_on_user_error(run: Callable[[], T], log: logging.Logger) -> T:
     """``run()``; a user error is logged as one message (no traceback) and exits with status 1."""
     try:
         return run()
-    except USER_ERRORS as err:
-        log.error("%s", err)
+    except Exception as err:
+        found = user_error_in(err)
+        if found is None:
+            raise
+        log.error("%s", found)
         sys.exit(1)

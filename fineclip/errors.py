@@ -6,6 +6,8 @@ Every package raises these from here, so that no module needs to import an entry
 
 from __future__ import annotations
 
+import contextlib
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to set."""
@@ -43,3 +45,28 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, AnnotationError, ImageLoadError, CheckpointError, ProtocolError, ResumeError, NonFiniteLossError,
     FileNotFoundError,
 )
+
+
+def user_error_in(err: BaseException | None) -> Exception | None:
+    """``err`` if it is a user error, else the first user error in its chain of causes (Hydra wraps what
+    a ``_target_`` raises in an ``InstantiationException``), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def user_errors_unwrapped():
+    """Re-raise a user error that another exception wraps (a config's ``_target_`` refusing its
+    arguments) as itself, so that callers and the entry points see its type and sentence."""
+    try:
+        yield
+    except Exception as err:
+        found = user_error_in(err)
+        if found is None or found is err:
+            raise
+        raise found from None

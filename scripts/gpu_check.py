@@ -130,51 +130,12 @@ def benchmark_row(args, timeout: float) -> dict:
 
 
 def blip2_captioner(device: torch.device, full_size: bool):
-    """BLIP-2 with random weights at blip2-opt-2.7b's dimensions (or a tiny one), and a word-level processor."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        BlipImageProcessor,
-        OPTConfig,
-        PreTrainedTokenizerFast,
-    )
-
+    """fineclip.annotate's HFCaptioner around a BLIP-2 with random weights (blip2-opt-2.7b's size, or tiny)."""
     from fineclip.annotate.captioners import HFCaptioner
+    from fineclip.annotate.random_blip2 import random_blip2
 
-    words = ["<pad>", "</s>", "<unk>", "describe", "this", "image", "in", "one", "sentence", "."]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                                        bos_token="</s>", unk_token="<unk>")
-    if full_size:  # blip2-opt-2.7b: EVA ViT-g/14 (39 layers, 1408), Q-Former (12 layers, 768), OPT-2.7B
-        vision = Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
-                                   num_attention_heads=16, image_size=224, patch_size=14)
-        qformer = Blip2QFormerConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                     num_attention_heads=12, encoder_hidden_size=1408)
-        text = OPTConfig(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32,
-                         num_attention_heads=32, word_embed_proj_dim=2560, max_position_embeddings=2048,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=1)
-        size, queries = 224, 32
-    else:
-        small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-        vision = Blip2VisionConfig(**small, image_size=32, patch_size=8)
-        qformer = Blip2QFormerConfig(**small, encoder_hidden_size=32, vocab_size=100)
-        text = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-                         num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=96, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=1)
-        size, queries = 32, 4
-    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                         text_config=text.to_dict(), num_query_tokens=queries,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
-                               tokenizer=tokenizer, num_query_tokens=queries)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device(device):
-        model = Blip2ForConditionalGeneration(config).to(dtype)
+    model, processor = random_blip2(full_size, device, dtype)
     params = sum(p.numel() for p in model.parameters())
     return HFCaptioner.from_model(model, processor, name="blip2-random", crop_scale=1.5, batch_size=32,
                                   max_new_tokens=20, device=str(device)), params

@@ -185,37 +185,12 @@ def test_a_torchvision_detector_from_a_local_checkpoint_proposes_boxes(tmp_path,
 def tiny_blip2(tmp_path_factory):
     """A BLIP-2 of random weights at a tiny size (vision, Q-Former and OPT configs of width 32), with
     a word-level tokenizer written here: a local folder as a user's blip2-opt-2.7b would be."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        BlipImageProcessor,
-        OPTConfig,
-        PreTrainedTokenizerFast,
-    )
+    from fineclip.annotate.random_blip2 import random_blip2
 
-    words = ["<pad>", "</s>", "<unk>", "describe", "this", "image", "in", "one", "sentence", ".", "a", "red", "blue",
-             "green", "circle", "square", "star", "large", "small", "striped"]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                                        bos_token="</s>", unk_token="<unk>")
-    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                               tokenizer=tokenizer, num_query_tokens=4)
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = Blip2Config(
-        vision_config=Blip2VisionConfig(**small, image_size=32, patch_size=8).to_dict(),
-        qformer_config=Blip2QFormerConfig(**small, encoder_hidden_size=32, vocab_size=100).to_dict(),
-        text_config=OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-                              num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=96,
-                              pad_token_id=0, bos_token_id=1, eos_token_id=1).to_dict(),
-        num_query_tokens=4, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(0)
+    model, processor = random_blip2()
     folder = tmp_path_factory.mktemp("blip2")
-    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

@@ -232,11 +232,11 @@ def test_repeated_captions_are_encoded_once_with_the_same_gradients(tiny_model, 
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model, monkeypatch):
-    import fineclip.models.towers as towers
+    import fineclip.models.blocks as blocks
 
     calls = []
-    original = towers.checkpoint
-    monkeypatch.setattr(towers, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = blocks.checkpoint
+    monkeypatch.setattr(blocks, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
 
     def step():
         tiny_model.zero_grad()

@@ -81,6 +81,8 @@ def _cfg(tmp_path, synthetic_root, *overrides):
 def test_captionless_regions_are_refused_for_region_caption_losses(tmp_path, synthetic_root):
     with pytest.raises(ConfigError, match="without captions"):
         train(_cfg(tmp_path, synthetic_root, "regions=grid"), tmp_path / "grid")  # fineclip's L_RC
+    with pytest.raises(ConfigError, match="without captions"):  # proposals have none either
+        train(_cfg(tmp_path, synthetic_root, "regions=proposals", "regions.file=p.json"), tmp_path / "props")
     with pytest.raises(ConfigError, match="regions.file"):
         train(_cfg(tmp_path, synthetic_root, "method=regionclip", "regions=proposals"), tmp_path / "nofile")
 

@@ -60,9 +60,38 @@ def test_model_choice_that_contradicts_the_checkpoint_is_refused(tiny_checkpoint
     assert model_cfg.name == "fineclip-tiny"
 
 
+def test_a_checkpoint_written_before_dense_modes_loads_as_the_value_path(tmp_path, tiny_checkpoint):
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    del state["config"]["model"]["dense_mode"]
+    save_checkpoint(state, tmp_path / "old.pt")
+    model, model_cfg = load_model(_compose("evaluate", "model=tiny", f"checkpoint={tmp_path / 'old.pt'}"), "tiny")
+    assert model.dense_mode.name == "value" and model_cfg.dense_mode._target_.endswith("ValuePath")
+
+
 def test_the_openai_vit_b16_config_computes_quickgelu():
     """OpenAI's ViT-B/16 weights were trained with QuickGELU; open_clip's plain ViT-B-16 uses GELU, so a
     local OpenAI file loaded into it would compute another function without an error."""
     name = _compose("train", "model=vit_b16").model.name
     assert open_clip.get_model_config(name).get("quick_gelu") is True
     assert not open_clip.get_model_config("ViT-B-16").get("quick_gelu", False)
+
+
+def test_a_user_error_that_hydra_wraps_is_still_one_sentence_and_exit_1(caplog):
+    """Hydra wraps what a ``_target_`` raises in an InstantiationException; the entry points unwrap it."""
+    import logging
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from fineclip.cli import exit_on_user_error
+
+    node = {"_target_": "fineclip.engine.optim.warmup_length", "total_steps": 5, "warmup_steps": 9,
+            "warmup_fraction": None}
+    with pytest.raises(InstantiationException):
+        instantiate(node)
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(lambda: instantiate(node), logging.getLogger("test"))
+    assert exit_.value.code == 1
+    assert caplog.records[-1].getMessage().startswith("optim.scheduler.warmup_steps=9 is not shorter than the run's 5")
+    with pytest.raises(ZeroDivisionError):  # a bug is not a user error: its traceback stays
+        exit_on_user_error(lambda: 1 / 0, logging.getLogger("test"))

@@ -21,7 +21,7 @@ from fineclip.data.random_batch import random_batch
 from fineclip.engine.distributed import DistInfo, resolve_device
 from fineclip.engine.rng import seed_everything
 from fineclip.engine.step import autocast_context, forward_loss, resolve_precision
-from fineclip.errors import ConfigError, ProtocolError
+from fineclip.errors import ConfigError, ProtocolError, user_errors_unwrapped
 from fineclip.eval.eval_set import build_eval_set
 from fineclip.eval.protocols import box_protocol, dense_image_size
 from fineclip.losses import CompositeLoss
@@ -100,6 +100,11 @@ class Method:
 def build_method(cfg: DictConfig, device: torch.device, **model_overrides) -> Method:
     """The model (``cfg.model`` with ``model_overrides``) on ``device``, its loss terms, its teacher set
     up from the initial model, its region source; refused when they do not fit together."""
+    with user_errors_unwrapped():
+        return _build_method(cfg, device, **model_overrides)
+
+
+def _build_method(cfg: DictConfig, device: torch.device, **model_overrides) -> Method:
     model: FineCLIPModel = instantiate(cfg.model, **model_overrides).to(device)
     loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
     teacher: Teacher = instantiate(cfg.teacher) if cfg.get("teacher") else SelfTeacher()
@@ -159,6 +164,12 @@ def build_val_set(cfg: DictConfig, model: FineCLIPModel) -> RegionCaptionDataset
 
 
 def build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
+    """The run of ``cfg``; a config value that a ``_target_`` refuses raises its own user error."""
+    with user_errors_unwrapped():
+        return _build(cfg, run_dir, dist)
+
+
+def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
     tcfg = cfg.trainer
     seed_everything(cfg.seed)
     device = resolve_device(tcfg.device, dist.local_rank)

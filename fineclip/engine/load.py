@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 
 # model settings that do not change what the weights compute
 MODEL_KEYS_FREE_TO_CHANGE = ("checkpoint", "crop_chunk", "text_cache_dtype")
+# what a model config written before a key existed meant by leaving it out
+MODEL_KEY_DEFAULTS = {"dense_mode": {"_target_": "fineclip.models.dense_modes.ValuePath"}}
+
+
+def architecture(model_cfg: dict | DictConfig) -> dict:
+    """The settings of a model config that decide what its weights compute (older configs completed)."""
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    return {**MODEL_KEY_DEFAULTS, **{k: v for k, v in model_cfg.items() if k not in MODEL_KEYS_FREE_TO_CHANGE}}
 
 
 def load_model(cfg: DictConfig, chosen_model: str | None = None) -> tuple[FineCLIPModel, DictConfig]:
@@ -32,7 +41,7 @@ def load_model(cfg: DictConfig, chosen_model: str | None = None) -> tuple[FineCL
     if "config" not in state or "model" not in state:
         raise ConfigError(f"checkpoint={cfg.checkpoint} is not a fineclip training checkpoint (no saved model config):"
                           " for open_clip weights use model=<config> model.checkpoint=<file> instead")
-    model_cfg = OmegaConf.create(state["config"]["model"])
+    model_cfg = OmegaConf.create({**MODEL_KEY_DEFAULTS, **state["config"]["model"]})
     model_cfg.checkpoint = None
     if chosen_model is not None and cfg.get("model") is not None:
         check_same_architecture(cfg.model, model_cfg, chosen_model, str(cfg.checkpoint))
@@ -45,9 +54,7 @@ def load_model(cfg: DictConfig, chosen_model: str | None = None) -> tuple[FineCL
 
 def check_same_architecture(chosen: DictConfig, saved: DictConfig, choice: str, checkpoint: str) -> None:
     """Refuse ``model=<choice>`` next to a checkpoint whose saved model differs in architecture."""
-    mine = {k: v for k, v in OmegaConf.to_container(chosen, resolve=True).items() if k not in MODEL_KEYS_FREE_TO_CHANGE}
-    theirs = {k: v for k, v in OmegaConf.to_container(saved, resolve=True).items()
-              if k not in MODEL_KEYS_FREE_TO_CHANGE}
+    mine, theirs = architecture(chosen), architecture(saved)
     differ = [f"{k}: {theirs.get(k)!r} in the checkpoint, {mine.get(k)!r} in model={choice}"
               for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differ:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from fineclip.engine.build import Run
 from fineclip.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_step_checkpoint
 from fineclip.engine.distributed import barrier
-from fineclip.engine.load import MODEL_KEYS_FREE_TO_CHANGE
+from fineclip.engine.load import architecture
 from fineclip.engine.rng import rng_states, set_rng_states
 from fineclip.errors import ResumeError
 
@@ -41,8 +41,7 @@ def check_resumable(state: dict, run: Run) -> list[str]:
     model, another global batch); return the other settings that changed, as 'key: old -> new'."""
     saved = state.get("config") or {}
     current = OmegaConf.to_container(run.cfg, resolve=True)
-    old_model = {k: v for k, v in saved.get("model", {}).items() if k not in MODEL_KEYS_FREE_TO_CHANGE}
-    new_model = {k: v for k, v in current["model"].items() if k not in MODEL_KEYS_FREE_TO_CHANGE}
+    old_model, new_model = architecture(saved.get("model", {})), architecture(current["model"])
     if old_model != new_model:
         diff = [f"model.{k}: {old_model.get(k)!r} -> {new_model.get(k)!r}"
                 for k in sorted(set(old_model) | set(new_model)) if old_model.get(k) != new_model.get(k)]
