@@ -18,6 +18,26 @@ def synthetic_root(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("synthetic"), train=24, val=8, size=64, seed=0)
 
 
+@pytest.fixture(scope="session")
+def trained_tiny_run(synthetic_root, tmp_path_factory):
+    """One training run of the tiny model on ``synthetic_root`` (1 epoch of batch 8, all three losses),
+    shared by the tests that need *a* trained checkpoint and its run folder: it evaluates box
+    classification, retrieval and segmentation at the end and logs the feature maps of 2 val images."""
+    from hydra import compose, initialize_config_dir
+
+    from fineclip.cli import CONFIG_DIR
+    from fineclip.engine.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("trained_tiny") / "run"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8", "data.batch_size=8",
+            "trainer.epochs=1", "trainer.progress=false", "trainer.log_maps=2", "eval.segmentation=true",
+            "eval.probe_steps=5"])
+    train(cfg, run_dir)
+    return run_dir
+
+
 @pytest.fixture()
 def tiny_model():
     torch.manual_seed(0)

@@ -125,21 +125,10 @@ def test_zero_shot_on_a_model_uses_its_dense_tokens(synthetic_root, tiny_model):
     assert 0 <= miou <= 100
 
 
-def test_training_evaluates_segmentation_when_asked(tmp_path, synthetic_root):
+def test_training_evaluates_segmentation_when_asked(trained_tiny_run):
     import json
 
-    from hydra import compose, initialize_config_dir
-
-    from fineclip.cli import CONFIG_DIR
-    from fineclip.engine.trainer import train
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8",
-            "trainer.epochs=1", "trainer.progress=false", "trainer.tensorboard=false",
-            "data.batch_size=8", "eval.segmentation=true", "eval.probe_steps=5"])
-    train(cfg, tmp_path / "run")
-    metrics = json.loads((tmp_path / "run" / "eval.json").read_text())
+    metrics = json.loads((trained_tiny_run / "eval.json").read_text())  # trained with eval.segmentation=true
     assert metrics["seg/images"] == 8
     assert 0 <= metrics["seg/zero_shot_miou"] <= 100 and 0 <= metrics["seg/linear_probe_miou"] <= 100
 

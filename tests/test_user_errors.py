@@ -10,7 +10,6 @@ import open_clip
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from fineclip.cli import CONFIG_DIR
 from fineclip.engine.checkpoint import save_checkpoint
@@ -24,15 +23,8 @@ def _compose(config, *overrides):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    cfg = _compose("evaluate")
-    torch.manual_seed(0)
-    from hydra.utils import instantiate
-
-    model = instantiate(cfg.model)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint({"model": model.state_dict(), "config": {"model": OmegaConf.to_container(cfg.model)}}, path)
-    return path
+def tiny_checkpoint(trained_tiny_run):
+    return trained_tiny_run / "checkpoints" / "last.pt"
 
 
 @pytest.mark.parametrize("entry", ["fineclip.evaluate", "fineclip.viz"])

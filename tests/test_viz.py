@@ -171,23 +171,19 @@ def test_curves_plot_exactly_the_logged_values(tmp_path, monkeypatch):
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
-def test_viz_of_a_checkpoint_writes_every_picture_and_a_true_confusion(tmp_path, synthetic_root):
+def test_viz_of_a_checkpoint_writes_every_picture_and_a_true_confusion(tmp_path, synthetic_root, trained_tiny_run):
     from hydra import compose, initialize_config_dir
 
     from fineclip.cli import CONFIG_DIR
     from fineclip.data import RegionCaptionDataset
-    from fineclip.engine.trainer import train
     from fineclip.viz.__main__ import run
 
     data = [f"data.root={synthetic_root}", "data.synthetic.train=24", "data.synthetic.val=8"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*data, "data.batch_size=8", "trainer.epochs=1",
-                                                      "trainer.progress=false", "trainer.log_maps=2"])
-        train(cfg, tmp_path / "run")
-        viz = compose(config_name="viz", overrides=[*data, f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}",
-                                                    "num_images=2", "clusters=3"])
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):  # the run logged maps of 2 images
+        viz = compose(config_name="viz", overrides=[*data, f"checkpoint={trained_tiny_run / 'checkpoints/last.pt'}",
+                                                    f"out={tmp_path / 'viz'}", "num_images=2", "clusters=3"])
     pictures = run(viz)
-    out = tmp_path / "run" / "viz"
+    out = tmp_path / "viz"
     assert {p.name for p in pictures.values()} == {"dense_maps.png", "heatmaps_1.png", "heatmaps_2.png",
                                                    "confusion.png", "per_class.png", "worst_boxes.png",
                                                    "retrieval.png", "curves.png"}
@@ -215,7 +211,7 @@ def test_viz_of_a_checkpoint_writes_every_picture_and_a_true_confusion(tmp_path,
     from fineclip.engine.load import load_model
     from fineclip.eval.maps import feature_panel
 
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events = EventAccumulator(str(trained_tiny_run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert sorted(t for t in events.Tags()["images"]) == ["maps/val_0", "maps/val_1"]
     model, _ = load_model(viz)
