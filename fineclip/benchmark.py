@@ -37,7 +37,7 @@ from fineclip.losses import CompositeLoss
 from fineclip.methods.regions import RegionSource
 from fineclip.methods.teachers import Teacher
 from fineclip.models import FineCLIPModel
-from fineclip.timing import timed_sections
+from fineclip.timing import section, timed_sections
 
 log = logging.getLogger("fineclip.benchmark")
 
@@ -66,12 +66,18 @@ class Step:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.device, self.precision = device, precision
         self.teacher, self.region_source = teacher, region_source
+        self.steps = 0
 
     def __call__(self, batch: dict) -> torch.Tensor:
         if self.region_source is not None:
             batch = self.region_source(batch, epoch=0)
-        return train_step(self.model, self.loss_fn, self.optimizer, [batch], precision=self.precision,
+        loss = train_step(self.model, self.loss_fn, self.optimizer, [batch], precision=self.precision,
                           teacher=self.teacher).loss
+        self.steps += 1
+        if self.teacher is not None:  # the EMA update and DetailCLIP's centres, as after a trainer's step
+            with section("teacher update"):
+                self.teacher.after_step(self.model, self.steps, max(self.steps, 1000))
+        return loss
 
     def timed(self, batch: dict) -> dict[str, float]:
         """The same step, synchronising around each of its named sections: seconds per section."""
