@@ -74,7 +74,8 @@ class Step:
         loss = train_step(self.model, self.loss_fn, self.optimizer, [batch], precision=self.precision,
                           teacher=self.teacher).loss
         self.steps += 1
-        if self.teacher is not None:  # the EMA update and DetailCLIP's centres, as after a trainer's step
+        if self.teacher is not None and type(self.teacher).after_step is not Teacher.after_step:
+            # the EMA update (and DetailCLIP's centres), as after a trainer's step
             with section("teacher update"):
                 self.teacher.after_step(self.model, self.steps, max(self.steps, 1000))
         return loss
