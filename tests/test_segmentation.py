@@ -129,7 +129,7 @@ def test_training_evaluates_segmentation_when_asked(trained_tiny_run):
     import json
 
     metrics = json.loads((trained_tiny_run / "eval.json").read_text())  # trained with eval.segmentation=true
-    assert metrics["seg/images"] == 8
+    assert metrics["seg/images"] == 8 and metrics["seg/protocol"] == "seg_proxy"
     assert 0 <= metrics["seg/zero_shot_miou"] <= 100 and 0 <= metrics["seg/linear_probe_miou"] <= 100
 
 
@@ -158,5 +158,6 @@ def test_evaluate_data_ade20k_segments_without_boxes_or_captions(tmp_path):
     seed_everything(cfg.seed)
     model = instantiate(cfg.model)
     expected = segmentation_metrics(model, cfg.data.segmentation, list(DEFAULT_TEMPLATES), probe_steps=5)
+    assert metrics.pop("seg/protocol") == expected.pop("seg/protocol") == "seg_proxy"  # named as the proxy it is
     assert metrics == pytest.approx(expected) and metrics["seg/images"] == 3
     assert set(metrics) == {"seg/images", "seg/zero_shot_miou", "seg/linear_probe_miou"}

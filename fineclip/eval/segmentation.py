@@ -199,6 +199,13 @@ def linear_probe_miou(
     return mean_iou(confusion)
 
 
+# what ``segmentation_metrics`` measures: zero-shot labels and a 1x1-conv probe on the value-path dense tokens
+# at the model's size, images and label maps squashed, no augmentation, ``probe_steps`` AdamW steps. A quick
+# proxy: not the published mmseg linear head (normal tokens of several blocks, 512 crops, 160k iterations,
+# sliding-window inference at full resolution)
+SEG_PROXY = "seg_proxy"
+
+
 def segmentation_metrics(model, seg_cfg, templates, batch_size: int = 32, device="cpu",
                          probe_steps: int = 500) -> dict[str, float]:
     """Zero-shot and linear-probe mIoU of ``model``'s dense features on the data config's
@@ -215,7 +222,8 @@ def segmentation_metrics(model, seg_cfg, templates, batch_size: int = 32, device
     val_feats, val_labels = dense_features(model, val, batch_size, device)
     with torch.no_grad():
         class_emb = class_embeddings(model.encode_text, val.class_names, templates).cpu()
-    metrics = {"seg/images": float(len(val)), "seg/zero_shot_miou": zero_shot_miou(val_feats, val_labels, class_emb)}
+    metrics = {"seg/protocol": SEG_PROXY, "seg/images": float(len(val)),
+               "seg/zero_shot_miou": zero_shot_miou(val_feats, val_labels, class_emb)}
     if seg_cfg.get("train") is not None and probe_steps > 0:
         train = build(seg_cfg.train)
         train_feats, train_labels = dense_features(model, train, batch_size, device)
@@ -245,5 +253,6 @@ class Segmentation(Evaluator):
         if "seg/zero_shot_miou" not in metrics:
             return []
         probe = metrics.get("seg/linear_probe_miou")
-        return [f"segmentation: {metrics['seg/images']:.0f} images   zero-shot mIoU {metrics['seg/zero_shot_miou']:.1f}"
+        return [f"segmentation [{metrics.get('seg/protocol', '?')}]: {metrics['seg/images']:.0f} images   "
+                f"zero-shot mIoU {metrics['seg/zero_shot_miou']:.1f}"
                 + (f"   linear-probe mIoU {probe:.1f}" if probe is not None else "")]
