@@ -18,7 +18,8 @@ LAYERS = [
     ("fineclip.eval",),
     ("fineclip.engine",),
     ("fineclip.annotate", "fineclip.viz"),
-    ("fineclip.cli", "fineclip.train", "fineclip.evaluate", "fineclip.benchmark", "fineclip.export", "fineclip.results",
+    ("fineclip.cli", "fineclip.train", "fineclip.evaluate", "fineclip.benchmark", "fineclip.export", "fineclip.convert",
+     "fineclip.results",
      "fineclip.annotate.__main__", "fineclip.viz.__main__"),
 ]
 ENTRY_POINTS = set(LAYERS[-1])

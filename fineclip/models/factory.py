@@ -16,6 +16,7 @@ from open_clip.tokenizer import HFTokenizer
 from fineclip.errors import CheckpointError
 from fineclip.models.dense_modes import DenseMode
 from fineclip.models.fineclip_model import FineCLIPModel
+from fineclip.models.weights import check_activation, describe_mismatch, read_weights
 
 log = logging.getLogger(__name__)
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -24,27 +25,8 @@ open_clip.add_model_config(_CONFIG_DIR)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights of an open_clip checkpoint or of a fineclip training checkpoint, as open_clip keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]  # fineclip training checkpoint
-    elif isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]  # open_clip training checkpoint
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds no state dict")
-    state = {}
-    for key, value in obj.items():
-        for prefix in ("module.", "clip."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        state[key] = value
-    return state
+    """The weights of any recognised file (``fineclip/models/weights.py``) under open_clip's keys."""
+    return read_weights(path)[0]
 
 
 def _resize_timm_pos_embed(state: dict, clip: torch.nn.Module) -> None:
@@ -63,20 +45,23 @@ def _resize_timm_pos_embed(state: dict, clip: torch.nn.Module) -> None:
     )
 
 
-def _load_into(clip: torch.nn.Module, state: dict, source: str | Path) -> None:
-    resize_pos_embed(state, clip)
-    resize_text_pos_embed(state, clip)
-    _resize_timm_pos_embed(state, clip)
-    try:
+def _load_into(clip: torch.nn.Module, state: dict, source: str | Path, fmt: str = "fineclip") -> None:
+    try:  # open_clip asserts when a position embedding of another width cannot be resized
+        resize_pos_embed(state, clip)
+        resize_text_pos_embed(state, clip)
+        _resize_timm_pos_embed(state, clip)
         clip.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {source} does not fit the model: {err}") from err
+    except (RuntimeError, AssertionError) as err:
+        raise CheckpointError(describe_mismatch(clip, state, fmt, source)) from err
 
 
-def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> None:
-    """Load weights into an open_clip model, interpolating position embeddings (bicubic) when the
-    model was created at another image size than the checkpoint."""
-    _load_into(clip, read_state_dict(path), path)
+def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> str:
+    """Load the weights of ``path`` (any recognised format) into an open_clip model, interpolating position
+    embeddings (bicubic) when the model was created at another image size; returns the format."""
+    state, fmt = read_weights(path)
+    check_activation(clip, fmt, path)
+    _load_into(clip, state, path, fmt)
+    return fmt
 
 
 def load_model_weights(model: FineCLIPModel, state: dict, source: str | Path) -> None:
@@ -167,8 +152,8 @@ def create_model(
     with torch.no_grad():
         clip.logit_scale.fill_(init_logit_scale)
     if checkpoint:
-        load_clip_weights(clip, checkpoint)
-        log.info("loaded %s weights from %s", name, checkpoint)
+        fmt = load_clip_weights(clip, checkpoint)
+        log.info("loaded %s weights from %s (%s format)", name, checkpoint, fmt)
     cfg = clip.visual.preprocess_cfg if hasattr(clip.visual, "preprocess_cfg") else {}
     with _quiet_root_logger():
         if hf_text_tower:
