@@ -9,8 +9,17 @@ from torch import nn
 from fineclip.errors import ConfigError
 
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm gains, embeddings-like 1-d tensors and the logit scale get no weight decay."""
+def no_weight_decay(name: str, param: nn.Parameter, rule: str = "clip") -> bool:
+    """Which tensors get no weight decay.
+
+    "clip": 1-d tensors (biases, norm gains), embeddings, position embeddings, tokens and the logit scale.
+    "ndim": the public DetailCLIP code's rule: tensors of fewer than 2 dims and names containing "bias",
+    "ln" or "bn"; every other tensor, embeddings and the mask token included, is decayed.
+    """
+    if rule == "ndim":
+        return param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+    if rule != "clip":
+        raise ValueError(f"optim.optimizer.no_decay={rule!r}: use clip or ndim")
     return param.ndim < 2 or "logit_scale" in name or "embedding" in name or "pos_embed" in name or "token" in name
 
 
@@ -23,16 +32,17 @@ def build_optimizer(
     fused: bool | None = None,
     name: str = "adamw",
     momentum: float = 0.0,
+    no_decay: str = "clip",
 ) -> torch.optim.Optimizer:
     """AdamW (``name="adamw"``) or SGD (``name="sgd"``, with ``momentum``) over the trainable
-    parameters, no weight decay on 1-d tensors, embeddings and the logit scale."""
-    decay, no_decay = [], []
+    parameters, no weight decay where ``no_weight_decay(name, param, no_decay)`` says so."""
+    decay, exempt = [], []
     for param_name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if no_weight_decay(param_name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (exempt if no_weight_decay(param_name, param, no_decay) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
     if fused is None:
-        fused = all(p.is_cuda for p in decay + no_decay)
+        fused = all(p.is_cuda for p in decay + exempt)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name != "adamw":

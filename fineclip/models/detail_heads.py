@@ -11,9 +11,11 @@ Widths are ViT-B's (768 → 2048 → 2048 → 256 → 8192) scaled by the tower'
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock
+from open_clip.transformer import LayerNorm, ResidualAttentionBlock
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -44,14 +46,14 @@ class MaskedDecoder(nn.Module):
     """One transformer block over the encoder's output with a learnt mask token at every removed
     position (MAE's decoder, depth 1, at the encoder's width), and the pixel predictor."""
 
-    def __init__(self, width: int, heads: int, grid: tuple[int, int], patch: int) -> None:
+    def __init__(self, width: int, heads: int, grid: tuple[int, int], patch: int, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.embed = nn.Linear(width, width)
         self.mask_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         positions = build_sincos2d_pos_embed(list(grid), dim=width)  # (h·w, width), fixed
         self.register_buffer("pos_embed", torch.cat([torch.zeros(1, width), positions])[None], persistent=False)
-        self.block = ResidualAttentionBlock(width, heads, batch_first=True)
-        self.norm = nn.LayerNorm(width)
+        self.block = ResidualAttentionBlock(width, heads, batch_first=True, norm_layer=partial(LayerNorm, eps=norm_eps))
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
         self.pixels = nn.Linear(width, patch * patch * 3)
 
     def forward(self, latent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -63,6 +65,32 @@ class MaskedDecoder(nn.Module):
         full = full.masked_scatter(keep[..., None].expand(b, n, width), x[:, 1:])
         x = torch.cat([x[:, :1], full], dim=1) + self.pos_embed.to(x.dtype)
         return self.norm(self.block(x))
+
+
+@torch.no_grad()
+def reference_init(heads: nn.Module) -> None:
+    """The public DetailCLIP code's initialisation: the head's MLP trunc-normal (std 0.02) with zero
+    biases (DINO's head); the decoder's input projection and every linear layer of its block
+    Xavier-uniform with zero biases, its layer norms 1 / 0 (MAE's decoder); the mask token N(0, 0.02²) and
+    the pixel predictor as PyTorch makes them."""
+    for layer in heads.head.mlp:
+        if isinstance(layer, nn.Linear):
+            nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
+            nn.init.zeros_(layer.bias)
+    decoder = heads.decoder
+    for module in (decoder.embed, *decoder.block.modules()):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):  # its fused q, k, v projection, as timm's qkv Linear
+            nn.init.xavier_uniform_(module.in_proj_weight)
+            nn.init.zeros_(module.in_proj_bias)
+    nn.init.ones_(decoder.norm.weight)
+    nn.init.zeros_(decoder.norm.bias)
 
 
 def scaled_width(value: int | None, base: int, width: int) -> int:
@@ -86,12 +114,17 @@ class DetailCLIPHeads(nn.Module):
     section = "student views"
 
     def __init__(self, width: int, heads: int, grid: tuple[int, int], patch: int, hidden: int | None = None,
-                 bottleneck: int | None = None, out_dim: int | None = None, decoder_heads: int | None = None) -> None:
+                 bottleneck: int | None = None, out_dim: int | None = None, decoder_heads: int | None = None,
+                 norm_eps: float = 1e-5, init: str = "torch") -> None:
         super().__init__()
         self.head = DetailCLIPHead(width, scaled_width(hidden, VIT_B_HEAD["hidden"], width),
                                    scaled_width(bottleneck, VIT_B_HEAD["bottleneck"], width),
                                    scaled_width(out_dim, VIT_B_HEAD["out_dim"], width))
-        self.decoder = MaskedDecoder(width, decoder_heads or heads, grid, patch)
+        self.decoder = MaskedDecoder(width, decoder_heads or heads, grid, patch, norm_eps)
+        if init == "reference":
+            reference_init(self)
+        elif init != "torch":
+            raise ValueError(f"detailclip init={init!r}: use torch (PyTorch's defaults) or reference")
 
     def forward(self, model, images: torch.Tensor, taught: dict, need) -> dict[str, torch.Tensor]:
         """The student on V·B normalised views (view-major) that keep the tokens where ``taught["keep"]``

@@ -119,6 +119,7 @@ def create_model(
     hf_proj: str = "linear",
     detailclip: dict | None = None,
     dense_mode: DenseMode | None = None,
+    freeze_patch_embed: bool = False,
 ) -> FineCLIPModel:
     """Build ``name`` (any open_clip model with a ViT image tower) with random weights, load a
     local ``checkpoint`` if given, and wrap it. Never downloads anything.
@@ -130,6 +131,9 @@ def create_model(
 
     ``detailclip``: options of DetailCLIP's head and decoder (``DetailCLIPHeads``), added beside the
     CLIP model when ``method=detailclip`` trains it; null otherwise.
+
+    ``freeze_patch_embed``: the patch embedding keeps its initial weights (the public DetailCLIP code
+    trains its from-scratch tower so).
 
     ``dense_mode``: how the last block runs for the dense features (``fineclip/models/dense_modes.py``);
     None is the value path.
@@ -151,6 +155,9 @@ def create_model(
         visual.set_input_size(visual.image_size)  # open_clip builds timm trunks at their default size
     with torch.no_grad():
         clip.logit_scale.fill_(init_logit_scale)
+    if freeze_patch_embed:
+        visual = clip.visual
+        (visual.conv1 if hasattr(visual, "conv1") else visual.trunk.patch_embed.proj).requires_grad_(False)
     if checkpoint:
         fmt = load_clip_weights(clip, checkpoint)
         log.info("loaded %s weights from %s (%s format)", name, checkpoint, fmt)
