@@ -115,3 +115,33 @@ def test_convert_writes_a_file_plain_open_clip_loads(tmp_path, openai_file):
     with pytest.raises(CheckpointError, match="QuickGELU"):
         convert(str(path), str(tmp_path / "no.pt"), ["model=tiny"])
     assert not (tmp_path / "no.pt").exists()
+
+
+def test_position_embeddings_resize_bicubically_without_antialiasing_as_the_reference(tmp_path):
+    """The EVA / CLIPSelf code resizes position embeddings bicubically without antialiasing. Loading 96-px
+    weights into a 64-px model (12 x 12 -> 8 x 8 tokens) and 64-px weights into a 96-px one gives exactly
+    that. It matters in both directions: PyTorch's antialiased bicubic is another kernel (a = -0.5, not
+    -0.75), so even upsampling (224 -> 1024 px for box_cs) differs from the reference with it."""
+    import torch.nn.functional as F
+
+    from fineclip.models.factory import load_clip_weights
+
+    def grid(model, side):
+        pos = model.visual.positional_embedding.detach()
+        return pos[1:].reshape(1, side, side, pos.shape[1]).permute(0, 3, 1, 2)
+
+    def bicubic(x, side, antialias=False):
+        return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False, antialias=antialias)
+
+    torch.manual_seed(0)
+    models = {size: open_clip.create_model("fineclip-tiny", force_image_size=size) for size in (64, 96)}
+    for source, target in ((96, 64), (64, 96)):
+        save_checkpoint(models[source].state_dict(), tmp_path / f"{source}.pt")
+        resized = open_clip.create_model("fineclip-tiny", force_image_size=target)
+        load_clip_weights(resized, tmp_path / f"{source}.pt")
+        expected = bicubic(grid(models[source], source // 8), target // 8)
+        torch.testing.assert_close(grid(resized, target // 8), expected)
+        cls_position = models[source].visual.positional_embedding[0]
+        torch.testing.assert_close(resized.visual.positional_embedding[0], cls_position)
+        antialiased = bicubic(grid(models[source], source // 8), target // 8, antialias=True)
+        assert (antialiased - expected).abs().max() > 1e-3  # the other kernel, in either direction

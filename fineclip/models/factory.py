@@ -41,13 +41,14 @@ def _resize_timm_pos_embed(state: dict, clip: torch.nn.Module) -> None:
     prefix = 0 if getattr(trunk, "no_embed_class", False) else trunk.num_prefix_tokens
     log.info("resizing position embedding %s -> %s", tuple(state[key].shape), tuple(trunk.pos_embed.shape))
     state[key] = resample_abs_pos_embed(
-        state[key], new_size=trunk.patch_embed.grid_size, num_prefix_tokens=prefix, interpolation="bicubic"
-    )
+        state[key], new_size=trunk.patch_embed.grid_size, num_prefix_tokens=prefix, interpolation="bicubic",
+        antialias=False)
 
 
 def _load_into(clip: torch.nn.Module, state: dict, source: str | Path, fmt: str = "fineclip") -> None:
     try:  # open_clip asserts when a position embedding of another width cannot be resized
-        resize_pos_embed(state, clip)
+        # bicubic without antialiasing, as the EVA / CLIPSelf code resizes (the same when upsampling)
+        resize_pos_embed(state, clip, antialias=False)
         resize_text_pos_embed(state, clip)
         _resize_timm_pos_embed(state, clip)
         clip.load_state_dict(state, strict=True)
