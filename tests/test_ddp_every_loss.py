@@ -31,6 +31,9 @@ CASES = [(model, loss, ()) for model in MODELS for loss in LOSSES] + [
     ("tiny", "fineclip", ("teacher=frozen",)),
     ("tiny_eva", "fineclip", ("teacher=ema", "teacher.momentum=0.5")),
     ("tiny", None, ("method=regionclip", "regions=proposals", "regions.file=PROPOSALS")),
+    ("tiny", None, ("method=detailclip", "model.freeze_patch_embed=true", "model.detailclip.decoder_heads=16",
+                    "model.detailclip.norm_eps=1e-6", "model.detailclip.init=reference",
+                    "optim.optimizer.no_decay=ndim")),  # the reference's settings (+experiment=detailclip_*)
 ]
 PER_RANK = 4
 

@@ -16,7 +16,7 @@ from fineclip.models.factory import load_model_weights
 log = logging.getLogger(__name__)
 
 # model settings that do not change what the weights compute
-MODEL_KEYS_FREE_TO_CHANGE = ("checkpoint", "crop_chunk", "text_cache_dtype")
+MODEL_KEYS_FREE_TO_CHANGE = ("checkpoint", "crop_chunk", "text_cache_dtype", "freeze_patch_embed")
 # what a model config written before a key existed meant by leaving it out
 MODEL_KEY_DEFAULTS = {"dense_mode": {"_target_": "fineclip.models.dense_modes.ValuePath"}}
 
