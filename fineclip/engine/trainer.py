@@ -29,7 +29,7 @@ from fineclip.engine.metrics_log import MetricsLogger, peak_memory_gb, reset_pea
 from fineclip.engine.resume import Progress, resume, save
 from fineclip.engine.step import StepResult, train_step
 from fineclip.errors import NonFiniteLossError
-from fineclip.eval.evaluators import build_evaluators, format_metrics, run_evaluators
+from fineclip.eval.evaluators import Evaluator, build_evaluators, format_metrics, run_evaluators
 from fineclip.eval.maps import feature_maps
 from fineclip.losses.gather import local_only
 
@@ -157,8 +157,9 @@ def log_feature_maps(run: Run, logger: MetricsLogger, step: int) -> None:
         logger.log_images(step, feature_maps(run.model, run.val_set, count, run.cfg, run.device))
 
 
-def evaluate_and_log(run: Run, progress: Progress, logger: MetricsLogger, epoch: int) -> dict:
-    metrics = run_evaluators(build_evaluators(run.cfg), run.model, run.cfg, run.device, dataset=run.val_set,
+def evaluate_and_log(run: Run, progress: Progress, logger: MetricsLogger, epoch: int,
+                     evaluators: list[Evaluator]) -> dict:
+    metrics = run_evaluators(evaluators, run.model, run.cfg, run.device, dataset=run.val_set,
                              progress=run.cfg.trainer.progress)
     logger.log(progress.step, {f"val/{k}": v for k, v in metrics.items()}, epoch=epoch)
     log_feature_maps(run, logger, progress.step)
@@ -187,6 +188,7 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: DistInfo | None = Non
     main, tcfg = run.dist.is_main, cfg.trainer
     progress = resume(run)
     logger = None
+    evaluators = build_evaluators(cfg) if main else []
     if main:
         logger = MetricsLogger(run.run_dir, tensorboard=tcfg.tensorboard, wandb=tcfg.get("wandb", False),
                                config=OmegaConf.to_container(cfg, resolve=True), name=cfg.name)
@@ -215,7 +217,7 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: DistInfo | None = Non
             progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
             eval_now = tcfg.eval_every and progress.epoch % tcfg.eval_every == 0 and progress.epoch < tcfg.epochs
             if main and eval_now and run.val_set is not None:
-                evaluate_and_log(run, progress, logger, progress.epoch - 1)
+                evaluate_and_log(run, progress, logger, progress.epoch - 1, evaluators)
             barrier()
     finally:
         stop.restore()
@@ -223,9 +225,9 @@ def train(cfg: DictConfig, run_dir: str | Path, dist_info: DistInfo | None = Non
     release_weights(run, progress)
     metrics: dict = {}
     if main and run.val_set is not None:
-        metrics = evaluate_and_log(run, progress, logger, tcfg.epochs - 1)
+        metrics = evaluate_and_log(run, progress, logger, tcfg.epochs - 1, evaluators)
         (run.run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
-        print(f"\nfinal evaluation ({len(run.val_set)} val images):\n{format_metrics(metrics, build_evaluators(cfg))}")
+        print(f"\nfinal evaluation ({len(run.val_set)} val images):\n{format_metrics(metrics, evaluators)}")
     if main:
         logger.close()
         print(f"run directory: {run.run_dir}")

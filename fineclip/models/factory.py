@@ -16,7 +16,7 @@ from open_clip.tokenizer import HFTokenizer
 from fineclip.errors import CheckpointError
 from fineclip.models.dense_modes import DenseMode
 from fineclip.models.fineclip_model import FineCLIPModel
-from fineclip.models.weights import check_activation, describe_mismatch, read_weights
+from fineclip.models.weights import check_activation, clip_weights, describe_mismatch, read_weights
 
 log = logging.getLogger(__name__)
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -67,10 +67,9 @@ def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> str:
 
 def load_model_weights(model: FineCLIPModel, state: dict, source: str | Path) -> None:
     """A fineclip model state dict into ``model``, which may be built at another image size
-    (position embeddings interpolated bicubically). DetailCLIP's head and decoder (``detail.*``) are
-    loaded when the model has them and left out otherwise (only training uses them)."""
-    _load_into(model.clip, {k.removeprefix("clip."): v for k, v in state.items() if not k.startswith("detail.")},
-               source)
+    (position embeddings interpolated bicubically, without antialiasing). DetailCLIP's head and decoder
+    (``detail.*``) are loaded when the model has them and left out otherwise (only training uses them)."""
+    _load_into(model.clip, clip_weights(state), source)
     detail = {k.removeprefix("detail."): v for k, v in state.items() if k.startswith("detail.")}
     if detail and model.detail is not None:
         model.detail.load_state_dict(detail)

@@ -61,17 +61,22 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         fmt = "open_clip"
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict")
-    state = {}
-    for key, value in obj.items():
-        for prefix in ("module.", "clip."):
-            key = key.removeprefix(prefix)
-        if key.startswith("detail."):  # DetailCLIP's training heads: not part of the CLIP model
-            continue
-        state[key] = value
+    state = clip_weights(obj)
     if any(k.startswith(("visual.blocks.", "visual.rope")) for k in state):
         raise CheckpointError(f"{path} is in EVA-CLIP's native layout (visual.blocks.N.attn.q_proj, ...), which "
                               "is recognised but not converted yet: use a file in open_clip's layout")
     return state, fmt
+
+
+def clip_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The open_clip model's tensors of a state dict: ``module.`` and ``clip.`` prefixes removed, DetailCLIP's
+    training heads (``detail.*``, not part of the CLIP model) left out."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.").removeprefix("clip.")
+        if not key.startswith("detail."):
+            out[key] = value
+    return out
 
 
 def computes_quick_gelu(model: nn.Module) -> bool:
