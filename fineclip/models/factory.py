@@ -15,6 +15,7 @@ from open_clip.tokenizer import HFTokenizer
 
 from fineclip.errors import CheckpointError
 from fineclip.models.dense_modes import DenseMode
+from fineclip.models.eva_clip import eva_clip_to_open_clip
 from fineclip.models.fineclip_model import FineCLIPModel
 from fineclip.models.weights import check_activation, clip_weights, describe_mismatch, read_weights
 
@@ -61,6 +62,8 @@ def load_clip_weights(clip: torch.nn.Module, path: str | Path) -> str:
     embeddings (bicubic) when the model was created at another image size; returns the format."""
     state, fmt = read_weights(path)
     check_activation(clip, fmt, path)
+    if fmt.endswith("eva_clip"):
+        state = eva_clip_to_open_clip(state, clip, str(path))
     _load_into(clip, state, path, fmt)
     return fmt
 

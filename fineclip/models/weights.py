@@ -9,8 +9,9 @@ under open_clip's keys.
 - ``openai``: OpenAI's TorchScript archive (``ViT-B-16.pt``), read with ``torch.jit.load(...).state_dict()``
   and never unpickled; fp16 cast to fp32; ``input_resolution``, ``context_length`` and ``vocab_size``
   dropped. Trained with QuickGELU: refused by a model that computes GELU.
-- ``eva_clip``: EVA-CLIP's native layout (``visual.blocks.N.attn.q_proj``, ``visual.rope``): recognised
-  and refused, not converted yet.
+- ``eva_clip``: EVA-CLIP's native layout (``visual.blocks.N.attn.q_proj``, ``visual.rope``), plain or inside a
+  training-code checkpoint (``training-code/eva_clip``): returned as stored; ``fineclip/models/eva_clip.py``
+  maps it onto the model it is loaded into (the mapping needs the model's trunk).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from fineclip.errors import CheckpointError
+from fineclip.models.eva_clip import is_eva_clip_layout
 
 log = logging.getLogger(__name__)
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -62,9 +64,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict")
     state = clip_weights(obj)
-    if any(k.startswith(("visual.blocks.", "visual.rope")) for k in state):
-        raise CheckpointError(f"{path} is in EVA-CLIP's native layout (visual.blocks.N.attn.q_proj, ...), which "
-                              "is recognised but not converted yet: use a file in open_clip's layout")
+    if is_eva_clip_layout(state):
+        fmt = "eva_clip" if fmt == "open_clip" else f"{fmt}/eva_clip"
     return state, fmt
 
 
