@@ -17,6 +17,7 @@ under open_clip's keys.
 from __future__ import annotations
 
 import logging
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         raise CheckpointError(f"checkpoint file not found: {path}")
     if is_torchscript_archive(path):
         try:
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch.jit.load is deprecated; OpenAI's archive is TorchScript
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception as err:  # noqa: BLE001 - a broken archive raises many types
             raise CheckpointError(f"cannot read TorchScript archive {path}: {err}") from err
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()
