@@ -5,12 +5,12 @@ DeCLIP's ``csa``/``qq`` dense modes likewise."""
 
 from __future__ import annotations
 
+import eva_clip_layout as eva
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
-import eva_clip_layout as eva
 from fineclip.convert import convert
 from fineclip.engine.checkpoint import save_checkpoint
 from fineclip.errors import CheckpointError

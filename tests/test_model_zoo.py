@@ -8,17 +8,17 @@ import logging
 import re
 import shlex
 
+import eva_clip_layout as eva
 import open_clip
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from test_protocols import _panoptic_root
+from test_weights import _openai_archive
 
-import eva_clip_layout as eva
 from fineclip.cli import CONFIG_DIR
 from fineclip.engine.checkpoint import save_checkpoint
 from fineclip.evaluate import run as evaluate_run
-from test_protocols import _panoptic_root
-from test_weights import _openai_archive
 
 ZOO = CONFIG_DIR.parent / "docs" / "model-zoo.md"
 STAND_INS = {

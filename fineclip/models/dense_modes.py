@@ -65,7 +65,8 @@ class SelfSelfAttention(DenseMode):
         from timm.models.eva import EvaBlock
 
         if not isinstance(block, EvaBlock):
-            raise ValueError(f"dense mode {self.mode} runs on timm EVA blocks (EVA02 models), not {type(block).__name__}")
+            raise ValueError(f"dense mode {self.mode} runs on timm EVA blocks (EVA02 models), "
+                             f"not {type(block).__name__}")
         if use_checkpoint and torch.is_grad_enabled():
             return checkpoint(self.attend, block, x, use_reentrant=False)
         return self.attend(block, x)
