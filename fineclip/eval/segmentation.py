@@ -73,6 +73,16 @@ class SegmentationSet:
         return (torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1),
                 torch.from_numpy(np.asarray(label).astype(np.int64)))
 
+    def original(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (H, W, 3) uint8 image and its (H, W) uint8 label map at the image's own size."""
+        with Image.open(self.images[index]) as img:
+            image = np.asarray(img.convert("RGB"))
+        label = self.labels[index]()
+        if label.shape != image.shape[:2]:
+            raise AnnotationError(f"{self.images[index]}: label map {label.shape} does not match the image "
+                                  f"{image.shape[:2]}")
+        return image, label
+
     @classmethod
     def from_instances(cls, ann_file: str, image_root: str | None = None, size: int = 224) -> SegmentationSet:
         """Semantic maps from the ``segmentation`` of every annotation (class index in category-id
@@ -233,23 +243,47 @@ def segmentation_metrics(model, seg_cfg, templates, batch_size: int = 32, device
 
 
 class Segmentation(Evaluator):
-    """Zero-shot and linear-probe mIoU on the evaluated data config's ``segmentation`` section."""
+    """mIoU on the evaluated data config's ``segmentation`` section under a named protocol: ``seg_proxy``
+    (zero-shot and a quick 1×1-conv probe on squashed images) or ``seg_linear_ibot`` (iBOT's mmseg linear
+    head, ``seg_linear.py``; ``linear`` changes its settings and renames it)."""
 
     name = "segmentation"
+    PROTOCOLS = (SEG_PROXY, "seg_linear_ibot")
 
-    def __init__(self, enabled: bool = False, probe_steps: int = 500) -> None:
+    def __init__(self, enabled: bool = False, probe_steps: int = 500, protocol: str = SEG_PROXY,
+                 linear: dict | None = None) -> None:
         super().__init__(enabled)
-        self.probe_steps = int(probe_steps)
+        if protocol not in self.PROTOCOLS:
+            raise ProtocolError(f"eval.segmentation_protocol={protocol}: use one of {', '.join(self.PROTOCOLS)}")
+        self.probe_steps, self.protocol = int(probe_steps), protocol
+        self.linear = {k: v for k, v in (linear or {}).items() if v is not None}
 
     def __call__(self, model, cfg, device, dataset=None, crop_model=None, progress: bool = True) -> dict:
         seg_cfg = evaluation_source(cfg).get("segmentation")
         if not seg_cfg:
             raise ProtocolError("eval.segmentation=true needs a data config with a `segmentation` section "
                                 "(data=synthetic and data=ade20k have one)")
-        return segmentation_metrics(model, seg_cfg, evaluation_templates(cfg), cfg.eval.batch_size, device,
-                                    probe_steps=self.probe_steps)
+        if self.protocol == SEG_PROXY:
+            return segmentation_metrics(model, seg_cfg, evaluation_templates(cfg), cfg.eval.batch_size, device,
+                                        probe_steps=self.probe_steps)
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        from fineclip.eval.seg_linear import LinearSegProtocol, linear_segmentation_metrics
+
+        if seg_cfg.get("train") is None:
+            raise ProtocolError("seg_linear_ibot trains a head: the data config's segmentation needs a train set")
+        try:
+            protocol = LinearSegProtocol(**{k: tuple(v) if k == "blocks" else v for k, v in self.linear.items()})
+        except TypeError as err:
+            raise ProtocolError(f"eval.seg_linear={self.linear}: {err}") from err
+        train, val = (instantiate(OmegaConf.to_container(seg_cfg[s], resolve=True)) for s in ("train", "val"))
+        return linear_segmentation_metrics(model, train, val, protocol, device)
 
     def format(self, metrics: dict) -> list[str]:
+        if "seg/linear_miou" in metrics:
+            return [f"segmentation [{metrics['seg/protocol']}]: {metrics['seg/images']:.0f} images   "
+                    f"linear mIoU {metrics['seg/linear_miou']:.1f}"]
         if "seg/zero_shot_miou" not in metrics:
             return []
         probe = metrics.get("seg/linear_probe_miou")

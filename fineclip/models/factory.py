@@ -170,7 +170,7 @@ def create_model(
             tokenizer = HFTokenizer(hf_text_tower, context_length=overrides["text_cfg"]["context_length"])
         else:
             tokenizer = open_clip.get_tokenizer(name)
-    return FineCLIPModel(
+    model = FineCLIPModel(
         clip,
         tokenizer,
         freeze_text=freeze_text,
@@ -182,3 +182,19 @@ def create_model(
         mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
         std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
     )
+    # how it was built, so that the same weights can be rebuilt at another image size (``at_size``)
+    model.build_args = {"name": name, "image_size": image_size, "freeze_text": freeze_text, "crop_scale": crop_scale,
+                        "crop_chunk": crop_chunk, "text_cache_dtype": text_cache_dtype,
+                        "init_logit_scale": init_logit_scale, "hf_text_tower": hf_text_tower, "hf_pooler": hf_pooler,
+                        "hf_proj": hf_proj, "detailclip": detailclip, "dense_mode": dense_mode,
+                        "freeze_patch_embed": freeze_patch_embed}
+    return model
+
+
+def at_size(model: FineCLIPModel, image_size: int) -> FineCLIPModel:
+    """The weights of ``model`` in the same model built for ``image_size`` (position embeddings resized
+    bicubically without antialiasing), on the same device, in eval mode."""
+    resized = create_model(**(model.build_args | {"image_size": image_size}))
+    device = next(model.parameters()).device
+    load_model_weights(resized, {k: v.cpu() for k, v in model.state_dict().items()}, f"the model at {image_size} px")
+    return resized.to(device).eval()
