@@ -169,7 +169,8 @@ def run(cfg: DictConfig) -> dict:
     size = model.image_size[0]
     B, R = cfg.batch_size, cfg.regions_per_image
     step = Step(model, loss_fn, optimizer, device, precision, teacher, region_source)
-    batches = [random_batch(B, R, size, i, device) for i in range(4)]
+    views = teacher.dataset_arguments().get("views")  # DetailCLIP's loader-cut views, when its teacher asks
+    batches = [random_batch(B, R, size, i, device, views=views) for i in range(4)]
 
     for i in range(cfg.warmup_steps):
         step(batches[i % 4])

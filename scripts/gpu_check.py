@@ -6,7 +6,9 @@
 2. a 1-process NCCL torchrun of the tiny experiment (train + evaluate);
 3. python -m fineclip.benchmark of EVA02-B-16: images/s, peak memory, MFU;
 4. a BLIP-2-sized captioner (blip2-opt-2.7b's dimensions) with random weights: regions/s of fineclip.annotate's
-   HFCaptioner.
+   HFCaptioner;
+5. an EVA02-B-16 file in EVA-CLIP's native layout (random weights, as ``EVA02_CLIP_B_psz16_s8B.pt`` stores them)
+   converted at load and evaluated with box_fc at 224 px on generated COCO-panoptic-shaped data: boxes/s.
 
 Each part runs inside a time budget; a part that fails or is cut prints its reason in the table instead
 of stopping the others. On a CPU, ``--models tiny --precision fp32 --no-compile --batch 4`` checks the
@@ -63,7 +65,8 @@ def method_row(model: str, method: str, args) -> dict:
     step = Step(model_, method_parts.loss_fn, optimizer, device, precision, method_parts.teacher,
                 batch_regions(method_parts.regions))
     size = model_.image_size[0]
-    batches = [random_batch(args.batch, args.regions, size, i, device) for i in range(2)]
+    views = method_parts.teacher.dataset_arguments().get("views")
+    batches = [random_batch(args.batch, args.regions, size, i, device, views=views) for i in range(2)]
     start = time.perf_counter()
     for i in range(args.warmup):
         step(batches[i % 2])
@@ -166,6 +169,85 @@ def captioner_row(args) -> dict:
             "step_s": None, "images_per_s": None, "peak_gb": peak}
 
 
+# open_clip/timm EVA names -> EVA-CLIP's own (the inverse of timm's eva.checkpoint_filter_fn)
+EVA_CLIP_NAMES = (("mlp.fc1_g", "mlp.w1"), ("mlp.fc1_x", "mlp.w2"), ("mlp.fc2", "mlp.w3"), ("mlp.norm", "mlp.ffn_ln"),
+                  ("attn.norm", "attn.inner_attn_ln"), ("attn.q_proj.bias", "attn.q_bias"),
+                  ("attn.v_proj.bias", "attn.v_bias"))
+
+
+def eva_clip_layout(state: dict) -> dict:
+    """An open_clip EVA02 state dict written in EVA-CLIP's native layout (``visual.blocks.N.attn.q_bias``, ...)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("visual.trunk."):
+            key = "visual." + key.removeprefix("visual.trunk.")
+            for ours, theirs in EVA_CLIP_NAMES:
+                key = key.replace(ours, theirs)
+        out[key] = value
+    return out
+
+
+def write_panoptic(root: Path, count: int, size: tuple[int, int] = (640, 480)) -> None:
+    """COCO panoptic val2017's layout: noise images, 8 non-overlapping segments each (a 4 x 2 grid of cells),
+    10 thing and 10 stuff classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations" / "panoptic_val2017").mkdir(parents=True)
+    categories = ([{"id": i + 1, "name": f"thing{i}", "isthing": 1} for i in range(10)]
+                  + [{"id": 100 + i, "name": f"stuff{i}", "isthing": 0} for i in range(10)])
+    width, height = size
+    cell_w, cell_h = width // 4, height // 2
+    images, annotations = [], []
+    for n in range(count):
+        name = f"{n:012d}"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "val2017" / f"{name}.jpg")
+        ids, segments = np.zeros((height, width), dtype=np.int64), []
+        for k in range(8):
+            x1, y1 = (k % 4) * cell_w + 5, (k // 4) * cell_h + 5
+            w, h = int(rng.integers(30, cell_w - 10)), int(rng.integers(30, cell_h - 10))
+            ids[y1:y1 + h, x1:x1 + w] = k + 1
+            category = categories[int(rng.integers(len(categories)))]
+            segments.append({"id": k + 1, "category_id": category["id"], "bbox": [x1, y1, w, h], "area": w * h,
+                             "iscrowd": 0})
+        png = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+        Image.fromarray(png).save(root / "annotations" / "panoptic_val2017" / f"{name}.png")
+        images.append({"id": n, "file_name": f"{name}.jpg", "width": width, "height": height})
+        annotations.append({"image_id": n, "file_name": f"{name}.png", "segments_info": segments})
+    (root / "annotations" / "panoptic_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+
+def eva_clip_eval_row(args) -> dict:
+    """``fineclip.evaluate`` of an EVA-CLIP-layout file (random weights) with box_fc: boxes/s of the evaluator."""
+    import open_clip
+    from hydra import compose, initialize_config_dir
+
+    from fineclip.engine.checkpoint import save_checkpoint
+    from fineclip.evaluate import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"model={args.eva_model}", "data=coco_panoptic", f"data.root={tmp}/coco", f"device={args.device}",
+                     f"cache_dir={tmp}/cache", "eval.class_cache_dir=null", f"eval.batch_size={args.batch}"]
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=overrides)
+        torch.manual_seed(0)
+        save_checkpoint(eva_clip_layout(open_clip.create_model(cfg.model.name).state_dict()), f"{tmp}/eva_clip.pt")
+        write_panoptic(Path(tmp, "coco"), args.eva_images)
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=[*overrides, f"model.checkpoint={tmp}/eva_clip.pt"])
+        start = time.perf_counter()
+        metrics = run(cfg)
+        seconds = time.perf_counter() - start
+    boxes = metrics["box/boxes"]
+    return {"check": "EVA-CLIP layout file, box_fc", "model": cfg.model.name, "ok": metrics["box/protocol"] == "box_fc",
+            "result": f"{boxes / seconds:.0f} boxes/s ({boxes:.0f} boxes on {args.eva_images} images, 224 px, "
+                      f"batch {args.batch}, load + conversion + class prompts included); {seconds:.0f} s",
+            "step_s": None, "images_per_s": args.eva_images / seconds, "peak_gb": None}
+
+
 def table(rows: list[dict]) -> str:
     def num(v, fmt):
         return "" if v is None or v != v else format(v, fmt)
@@ -189,6 +271,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--benchmark-model", default="eva02_b16")
     parser.add_argument("--tiny-captioner", action="store_true", help="a tiny BLIP-2 (checks the script on a CPU)")
+    parser.add_argument("--eva-model", default="eva02_b16", help="the model config of the EVA-CLIP-layout row")
+    parser.add_argument("--eva-images", type=int, default=256, help="generated COCO-panoptic-shaped images")
     parser.add_argument("--budget-s", type=float, default=450, help="time for all parts; the rest is skipped")
     parser.add_argument("--out", default=None, help="also write the table (markdown) and rows (json) here")
     args = parser.parse_args()
@@ -215,13 +299,14 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"gpu_check on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}",
           flush=True)
-    later = 200  # seconds kept for the benchmark and the captioner, which run last
+    later = 240  # seconds kept for the benchmark, the captioner and the EVA-CLIP row, which run last
     attempt("torchrun", "fineclip-tiny", lambda: torchrun_row(args, min(120, left() - later)), later + 30)
     for method in args.methods.split(","):
         for model in args.models.split(","):
             attempt(f"method={method}", model, lambda m=model, me=method: method_row(m, me, args), later + 20)
     attempt("fineclip.benchmark", args.benchmark_model, lambda: benchmark_row(args, min(150, left() - 50)), 80)
     attempt("BLIP-2 captioner", "blip2-opt-2.7b size", lambda: captioner_row(args), 40)
+    attempt("EVA-CLIP layout file, box_fc", args.eva_model, lambda: eva_clip_eval_row(args), 30)
     text = table(rows)
     print(f"\n{text}\n\n{time.perf_counter() - start:.0f} s in all", flush=True)
     if args.out:

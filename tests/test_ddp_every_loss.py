@@ -33,7 +33,10 @@ CASES = [(model, loss, ()) for model in MODELS for loss in LOSSES] + [
     ("tiny", None, ("method=regionclip", "regions=proposals", "regions.file=PROPOSALS")),
     ("tiny", None, ("method=detailclip", "model.freeze_patch_embed=true", "model.detailclip.decoder_heads=16",
                     "model.detailclip.norm_eps=1e-6", "model.detailclip.init=reference",
-                    "optim.optimizer.no_decay=ndim")),  # the reference's settings (+experiment=detailclip_*)
+                    "optim.optimizer.no_decay=ndim", "teacher.view_source=image", "teacher.view_scale=[0.14,1.0]")),
+    # the reference's settings (+experiment=detailclip_*), views cut by the data loader from the full image
+    ("tiny_eva_clip", "fineclip", ("model.dense_mode._target_=fineclip.models.dense_modes.SelfSelfAttention",
+                                   "+model.dense_mode.mode=csa")),  # DeCLIP's dense mode (model=eva02_b16_csa)
 ]
 PER_RANK = 4
 

@@ -27,8 +27,10 @@ def test_the_detailclip_experiments_take_the_references_settings(experiment):
     assert {"decoder_heads": 16, "norm_eps": 1e-6, "init": "reference"}.items() <= dict(cfg.model.detailclip).items()
     assert cfg.optim.optimizer.no_decay == "ndim" and cfg.optim.scheduler.warmup_lr == 1e-6
     assert cfg.model.get("freeze_patch_embed", False) == (experiment == "detailclip_scratch")
+    assert cfg.teacher.view_source == "image" and list(cfg.teacher.view_scale) == [0.14, 1.0]
     default = _compose("method=detailclip")  # the tiny demo keeps PyTorch's inits and 1e-5
     assert default.model.detailclip.init == "torch" and default.model.detailclip.norm_eps == 1e-5
+    assert default.teacher.view_source == "batch"
 
 
 def test_reference_init_and_norms_of_the_decoder_and_head():

@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from fineclip.data.annotations import RegionAnnotations, load_region_annotations
+from fineclip.data.image_views import ViewRecipe, cut_views
 from fineclip.data.proposals import with_proposals
 from fineclip.errors import ImageLoadError
 
@@ -153,6 +154,7 @@ class RegionCaptionDataset(Dataset):
         seed: int = 0,
         box_reading: Mapping | Reading | None = None,
         caption_reading: Mapping | Reading | None = None,
+        views: ViewRecipe | None = None,
     ) -> None:
         self.records = annotations.records
         self.categories = annotations.categories
@@ -165,6 +167,7 @@ class RegionCaptionDataset(Dataset):
         self.max_regions = max_regions
         self.seed = seed
         self.epoch = 0
+        self.views = views  # augmented views cut from the full image (DetailCLIP's reference pipeline)
 
     @classmethod
     def from_file(
@@ -279,6 +282,9 @@ class RegionCaptionDataset(Dataset):
             "region_captions": [record.region_captions[k] for k in keep],
             "category_ids": torch.from_numpy(record.category_ids[keep]),
         }
+        if self.views is not None:  # drawn from (seed, epoch, image id) alone: the same on any ranks/workers
+            item["views"] = cut_views(original, self.views, np.random.default_rng((self.seed, self.epoch,
+                                                                                   int(record.image_id), 1)))
         if reading.crop_mode:
             thing = np.array([int(c) not in self.stuff_ids for c in record.category_ids[keep]], dtype=bool)
             item["crops"] = region_crops(original, record.boxes[keep], thing, reading.crop_size, reading.crop_mode)
@@ -301,4 +307,5 @@ def collate_regions(samples: list[dict]) -> dict:
         "region_captions": [c for s in samples for c in s["region_captions"]],
         "category_ids": torch.cat([s["category_ids"] for s in samples]),
         **{key: torch.cat([s[key] for s in samples]) for key in ("crops", "masks") if key in samples[0]},
+        **({"views": torch.stack([s["views"] for s in samples])} if "views" in samples[0] else {}),
     }

@@ -55,7 +55,8 @@ def freeze_unused_parameters(
     """
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     device = model.pixel_mean.device
-    batch = random_batch(2, 2, model.image_size[0], device=device)
+    views = teacher.dataset_arguments().get("views") if teacher is not None else None
+    batch = random_batch(2, 2, model.image_size[0], device=device, views=views)
     was_training = model.training
     model.train()
     probe = teacher.probe() if teacher is not None else contextlib.nullcontext()
@@ -179,7 +180,8 @@ def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
     if tcfg.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     train_set: RegionCaptionDataset = instantiate(cfg.data.train, image_size=model.image_size[0],
-                                                  **method.regions.dataset_arguments())
+                                                  **method.regions.dataset_arguments(),
+                                                  **method.teacher.dataset_arguments())
     # text pools a loss embeds once with the initial text tower (RegionCLIP's concepts)
     loss_fn.prepare(model.encode_text_pool, list(train_set.categories.values()))
     frozen = freeze_unused_parameters(model, loss_fn, precision, method.teacher)

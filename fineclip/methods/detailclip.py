@@ -4,8 +4,11 @@ targets of the self-distillation terms.
 
 Per step, for a batch of B images (``features``):
 
-    views     V = 2 augmented views per image (random resized crop, flip, colour jitter; one draw
-              per (seed, epoch, image id, view), so the same on any number of ranks and on resume)
+    views     V = 2 augmented views per image, one draw per (seed, epoch, image id), so the same on any
+              number of ranks and on resume. ``view_source="image"`` (the reference, +experiment=detailclip_*):
+              cut by the data loader from the image at its own resolution with the reference's pipeline
+              (fineclip/data/image_views.py); ``"batch"``: cut on the device from the resized batch (random
+              resized crop, flip, colour jitter; fineclip/data/views.py), cheaper, for the synthetic demos
     attention the teacher's CLS→patch attention on each view, averaged over layers and heads
     keep      the patch tokens of the top ⌊cells²·r⌋ + 1 cells of that map pooled to cells × cells
               (7 × 7 for a 14 × 14 grid: half the grid's side), r = 0.5
@@ -26,6 +29,7 @@ import contextlib
 import numpy as np
 import torch
 
+from fineclip.data.image_views import ViewRecipe
 from fineclip.data.views import VIEW_UNIFORMS, make_views, view_params
 from fineclip.losses.detailclip import teacher_patch_temperature, update_center
 from fineclip.methods.teachers import EMATeacher
@@ -48,7 +52,7 @@ class DetailCLIPTeacher(EMATeacher):
     def __init__(self, momentum: float = 0.996, views: int = 2, keep_ratio: float = 0.5, cells: int | None = None,
                  center_momentum: float = 0.9, cls_temperature: float = 0.04, patch_temperature: float = 0.07,
                  first_epoch_patch_temperature: float = 0.04, view_scale: tuple[float, float] = (0.4, 1.0),
-                 seed: int = 0) -> None:
+                 view_source: str = "batch", seed: int = 0) -> None:
         super().__init__(momentum)
         if views < 2:
             raise ValueError("DetailCLIP's CLS loss compares views: teacher.views must be at least 2")
@@ -57,6 +61,9 @@ class DetailCLIPTeacher(EMATeacher):
         self.cls_temperature, self.patch_temperature = cls_temperature, patch_temperature
         self.first_epoch_patch_temperature = first_epoch_patch_temperature
         self.view_scale = tuple(view_scale)
+        if view_source not in ("batch", "image"):
+            raise ValueError(f"teacher.view_source={view_source!r}: use image (the reference) or batch")
+        self.view_source = view_source
         self.seed = seed
         self.epoch = 0
         self.centers: torch.Tensor | None = None  # (2, K): c_cls, c_patch
@@ -76,6 +83,21 @@ class DetailCLIPTeacher(EMATeacher):
         return self.cls_temperature, teacher_patch_temperature(self.epoch, self.first_epoch_patch_temperature,
                                                                self.patch_temperature)
 
+    def dataset_arguments(self) -> dict:
+        if self.view_source != "image":
+            return {}
+        return {"views": ViewRecipe(count=self.views, size=self.model.image_size[0], scale=self.view_scale)}
+
+    def batch_views(self, batch: dict) -> torch.Tensor:
+        """(V·B, 3, S, S) normalised views, view-major: the data loader's (``view_source="image"``) or cut here."""
+        if self.view_source == "batch":
+            return self.make_views(batch["images"], batch["image_ids"].tolist())
+        if "views" not in batch:
+            raise ValueError("teacher.view_source=image needs the training set to cut the views: build it with "
+                             "the teacher's dataset_arguments()")
+        views = batch["views"].transpose(0, 1).flatten(0, 1)  # (B, V, ...) -> (V·B, ...)
+        return self.model.normalize_pixels(views)
+
     def make_views(self, images: torch.Tensor, image_ids: list[int]) -> torch.Tensor:
         """(V·B, 3, S, S) normalised views, view-major, at the model's image size."""
         height, width = images.shape[-2:]
@@ -89,7 +111,7 @@ class DetailCLIPTeacher(EMATeacher):
     def features(self, batch, need) -> dict[str, torch.Tensor]:
         model = self.model
         images = batch["images"]
-        views = self.make_views(images, batch["image_ids"].tolist())
+        views = self.batch_views(batch)
         tokens, attention = model.tower.tokens_and_cls_attention(views)
         cells = self.cells or attention.shape[-1] // 2
         keep = kept_tokens(attention, cells, self.keep_ratio)

@@ -42,6 +42,10 @@ class Teacher:
     def set_epoch(self, epoch: int) -> None:
         """Called before each epoch's steps (and after a resume)."""
 
+    def dataset_arguments(self) -> dict:
+        """Arguments of the training set's constructor this teacher needs (after ``setup``)."""
+        return {}
+
     def probe(self):
         """A context in which ``features`` leaves the teacher's state as it was (the start-up probe of
         which parameters the loss uses runs one forward)."""
