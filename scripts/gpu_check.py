@@ -243,8 +243,9 @@ def eva_clip_eval_row(args) -> dict:
         seconds = time.perf_counter() - start
     boxes = metrics["box/boxes"]
     return {"check": "EVA-CLIP layout file, box_fc", "model": cfg.model.name, "ok": metrics["box/protocol"] == "box_fc",
-            "result": f"{boxes / seconds:.0f} boxes/s ({boxes:.0f} boxes on {args.eva_images} images, 224 px, "
-                      f"batch {args.batch}, load + conversion + class prompts included); {seconds:.0f} s",
+            "result": f"{boxes / seconds:.0f} boxes/s ({boxes:.0f} boxes on {args.eva_images} images, "
+                      f"{cfg.model.image_size} px, batch {args.batch}, load + conversion + class prompts included); "
+                      f"{seconds:.0f} s",
             "step_s": None, "images_per_s": args.eva_images / seconds, "peak_gb": None}
 
 
