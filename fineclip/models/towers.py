@@ -34,8 +34,26 @@ class TowerAdapter:
     visual: nn.Module
     patch_size: tuple[int, int]
 
-    def trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    prefix_tokens: int  # class (and register) tokens before the patch tokens
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Patch tokens with prefix tokens and position embeddings: (tokens, the blocks' keyword arguments)."""
         raise NotImplementedError
+
+    def trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """All blocks but the last: (tokens, the blocks' keyword arguments)."""
+        x, ctx, _ = self.trunk_taps(images, ())
+        return x, ctx
+
+    def trunk_taps(self, images: torch.Tensor, taps) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
+        """``trunk`` and the tokens after each block of ``taps`` (0-based, before the last block)."""
+        x, ctx = self.embed(images)
+        tapped = []
+        for index, block in enumerate(self.blocks()[:-1]):
+            x = run_block(block, x, self.grad_checkpointing(), **ctx)
+            if index in taps:
+                tapped.append(x)
+        return x, ctx, tapped
 
     def last_block(self, x: torch.Tensor, ctx: dict, mode: DenseMode | None = None) -> torch.Tensor:
         """The last block on the trunk's output: as it is (``mode=None``) or in a dense mode."""
@@ -86,13 +104,10 @@ class OpenCLIPViTAdapter(TowerAdapter):
         self.patch_size = tuple(visual.patch_size)
         self.width = visual.transformer.width
         self.heads = visual.transformer.resblocks[0].attn.num_heads
+        self.prefix_tokens = 1
 
-    def trunk(self, images):
-        x = self.visual._embeds(images)
-        ckpt = self.visual.transformer.grad_checkpointing
-        for block in self.visual.transformer.resblocks[:-1]:
-            x = run_block(block, x, ckpt)
-        return x, {}
+    def embed(self, images):
+        return self.visual._embeds(images), {}
 
     def blocks(self):
         return self.visual.transformer.resblocks
@@ -129,16 +144,12 @@ class TimmEvaAdapter(TowerAdapter):
         self.patch_size = tuple(trunk.patch_embed.patch_size)
         self.width = trunk.embed_dim
         self.heads = trunk.blocks[0].attn.num_heads
+        self.prefix_tokens = trunk.num_prefix_tokens
 
-    def trunk(self, images):
+    def embed(self, images):
         trunk = self.visual.trunk
-        x = trunk.patch_embed(images)
-        x, rope = trunk._pos_embed(x)
-        x = trunk.norm_pre(x)
-        kwargs = {"rope": rope} if rope is not None else {}
-        for block in trunk.blocks[:-1]:
-            x = run_block(block, x, trunk.grad_checkpointing, **kwargs)
-        return x, kwargs
+        x, rope = trunk._pos_embed(trunk.patch_embed(images))
+        return trunk.norm_pre(x), ({"rope": rope} if rope is not None else {})
 
     def blocks(self):
         return self.visual.trunk.blocks

@@ -1,0 +1,151 @@
+"""Open-vocabulary detection data: a COCO-format instances file read with a base/novel class split.
+
+Training keeps the annotations of base classes only (and the images that have one, as mmdet filters
+empty ones) and applies large-scale jitter: resize keeping the ratio so that the long side is r·S,
+r ~ U(0.1, 2.0); a random crop of at most S×S (boxes shifted and clipped, those under 0.01 px dropped, an
+empty crop allowed); a horizontal flip with probability 0.5; padding to S×S. Evaluation resizes every image
+keeping the ratio into S×S and pads it; ``scale`` maps the detections back to the file's pixels.
+Labels are 1…C in the split's class order (0 is the background).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from fineclip.errors import AnnotationError
+
+# OV-COCO (CLIPSelf's mscoco_seen_classes.json / mscoco_unseen_classes.json)
+OV_COCO_BASE = ("person", "bicycle", "car", "motorcycle", "train", "truck", "boat", "bench", "bird", "horse", "sheep",
+                "bear", "zebra", "giraffe", "backpack", "handbag", "suitcase", "frisbee", "skis", "kite", "surfboard",
+                "bottle", "fork", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
+                "pizza", "donut", "chair", "bed", "toilet", "tv", "laptop", "mouse", "remote", "microwave", "oven",
+                "toaster", "refrigerator", "book", "clock", "vase", "toothbrush")
+OV_COCO_NOVEL = ("airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard", "skateboard",
+                 "cup", "knife", "cake", "couch", "keyboard", "sink", "scissors")
+# the synthetic scenes' 12 shapes: 8 base, 4 novel (fixed)
+SYNTHETIC_BASE = ("circle", "square", "triangle", "cross", "star", "diamond", "hexagon", "ring")
+SYNTHETIC_NOVEL = ("heart", "crescent", "arrow", "pentagon")
+
+
+@dataclass(frozen=True)
+class OVSplit:
+    names: tuple[str, ...]  # the C classes, label = index + 1, in the file's category order
+    category_ids: tuple[int, ...]
+    novel: frozenset[str]
+
+    @property
+    def novel_mask(self) -> torch.Tensor:
+        """(C + 1,) bool, background first."""
+        return torch.tensor([False] + [n in self.novel for n in self.names])
+
+    def class_weight(self, background: float) -> torch.Tensor:
+        """(C + 1,): background ``background``, base 1, novel 0."""
+        return torch.tensor([background] + [0.0 if n in self.novel else 1.0 for n in self.names])
+
+
+def read_split(ann_file: str | Path, base: tuple[str, ...], novel: tuple[str, ...]) -> OVSplit:
+    """The split's classes as the file names them; a class of the split missing from the file is an error."""
+    data = _load(ann_file)
+    by_name = {c["name"]: c["id"] for c in data["categories"]}
+    missing = [n for n in (*base, *novel) if n not in by_name]
+    if missing:
+        raise AnnotationError(f"{ann_file}: the class split names classes the file does not have: {missing}")
+    wanted = set(base) | set(novel)
+    chosen = [c for c in data["categories"] if c["name"] in wanted]
+    return OVSplit(tuple(c["name"] for c in chosen), tuple(c["id"] for c in chosen), frozenset(novel))
+
+
+def _load(ann_file: str | Path) -> dict:
+    import json
+
+    path = Path(ann_file)
+    if not path.is_file():
+        raise AnnotationError(f"annotation file not found: {path}")
+    return json.loads(path.read_text())
+
+
+def keep_ratio_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+class OVDetectionSet(Dataset):
+    def __init__(self, ann_file: str, image_root: str, split: OVSplit, size: int, train: bool, seed: int = 0,
+                 scale_range: tuple[float, float] = (0.1, 2.0)) -> None:
+        from pycocotools.coco import COCO
+
+        self.coco = COCO()
+        self.coco.dataset = _load(ann_file)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco.createIndex()
+        self.ann_file, self.root, self.split, self.size, self.train = ann_file, Path(image_root), split, size, train
+        self.seed, self.epoch, self.scale_range = seed, 0, scale_range
+        label_of = {cid: i + 1 for i, cid in enumerate(split.category_ids)}
+        named = zip(split.category_ids, split.names, strict=True)
+        allowed = {cid for cid, name in named if not (train and name in split.novel)}  # training: base only
+        self.records = []
+        for image_id in sorted(self.coco.imgs):
+            anns = [a for a in self.coco.imgToAnns.get(image_id, []) if a["category_id"] in allowed
+                    and not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+            if train and not anns:
+                continue
+            boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
+                             dtype=np.float32).reshape(-1, 4)
+            labels = np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64)
+            self.records.append((image_id, self.coco.imgs[image_id]["file_name"], boxes, labels))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image_id, file_name, boxes, labels = self.records[index]
+        path = self.root / file_name
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except OSError as err:
+            raise AnnotationError(f"cannot read image id={image_id} {path}: {err}") from err
+        if self.train:
+            image, boxes, labels, scale = self._jitter(image, boxes, labels,
+                                                       np.random.default_rng((self.seed, self.epoch, index)))
+        else:
+            scale = min(self.size / image.height, self.size / image.width)
+            height, width = keep_ratio_size(image.height, image.width, scale)
+            image, boxes = image.resize((width, height), Image.BILINEAR), boxes * scale
+        pixels = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        array = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        pixels[:, : array.shape[1], : array.shape[2]] = array
+        target = {"boxes": torch.from_numpy(boxes).float().reshape(-1, 4), "labels": torch.from_numpy(labels),
+                  "image_id": image_id, "scale": scale}
+        return pixels, target
+
+    def _jitter(self, image, boxes, labels, rng):
+        ratio = rng.uniform(*self.scale_range)
+        scale = self.size * ratio / max(image.height, image.width)
+        height, width = keep_ratio_size(image.height, image.width, scale)
+        image, boxes = image.resize((width, height), Image.BILINEAR), boxes * scale
+        crop_h, crop_w = min(height, self.size), min(width, self.size)
+        top, left = int(rng.integers(height - crop_h + 1)), int(rng.integers(width - crop_w + 1))
+        image = image.crop((left, top, left + crop_w, top + crop_h))
+        boxes = (boxes - np.array([left, top, left, top], dtype=np.float32)).clip(0, [crop_w, crop_h, crop_w, crop_h])
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 0.01) & ((boxes[:, 3] - boxes[:, 1]) > 0.01)
+        boxes, labels = boxes[keep], labels[keep]
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            boxes = np.stack([crop_w - boxes[:, 2], boxes[:, 1], crop_w - boxes[:, 0], boxes[:, 3]], axis=1)
+        return image, boxes.astype(np.float32), labels, scale
+
+
+def collate(samples):
+    return [s[0] for s in samples], [s[1] for s in samples]
+

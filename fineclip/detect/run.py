@@ -1,0 +1,178 @@
+"""Train and evaluate the F-ViT detector: the frozen backbone from a fineclip checkpoint (or any weights
+file of the configured model), base-class training, AP50 on novel / base / all classes.
+
+Optimiser (CLIPSelf's OV-COCO): AdamW lr 1e-4 · batch/64, betas (0.9, 0.999), weight decay 0.1, gradient
+norm clipped at 1.0, a linear warmup over 250 iterations from 1e-3 of the lr, then constant (OV-LVIS: ×0.1 at
+the epochs of ``lr_steps``). An epoch's order depends on (seed, epoch) only, split across ranks; a run
+resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fineclip.detect.data import OVDetectionSet, OVSplit, collate, read_split
+from fineclip.detect.metrics import ap50_per_class, split_ap50
+from fineclip.detect.model import OVFasterRCNN, build_detector
+from fineclip.engine.checkpoint import load_checkpoint, save_checkpoint
+from fineclip.engine.distributed import DistInfo
+from fineclip.errors import CheckpointError, ConfigError
+from fineclip.eval.protocols import vild_prompts
+from fineclip.models import FineCLIPModel
+from fineclip.models.factory import at_size, load_model_weights
+from fineclip.models.prompts import prompt_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def load_backbone(cfg: DictConfig) -> FineCLIPModel:
+    """The CLIP model at the detector's input size: a fineclip training checkpoint (its saved model config),
+    another weights file read into ``cfg.model``, or ``cfg.model`` with its own ``model.checkpoint``."""
+    path = cfg.backbone.checkpoint
+    if path and Path(path).is_file():
+        state = load_checkpoint(path)
+        if isinstance(state, dict) and "config" in state and "model" in state:
+            model = instantiate(OmegaConf.create({**state["config"]["model"], "checkpoint": None}))
+            load_model_weights(model, state["model"], path)
+        else:
+            model = instantiate(cfg.model, checkpoint=path)
+    elif path:
+        raise CheckpointError(f"backbone.checkpoint={path}: file not found")
+    else:
+        model = instantiate(cfg.model)
+    size = int(cfg.data.image_size)
+    return (model if model.image_size[0] == size else at_size(model, size)).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def class_text_embeddings(model: FineCLIPModel, names: tuple[str, ...], templates) -> torch.Tensor:
+    """(C + 1, D): "background" then each class, each the normalised mean over its prompts (ViLD's 63 by
+    default, with their "This is " rule; or ``templates``)."""
+    classes = ["background", *names]
+    prompts = [vild_prompts(n) if not templates else [t.format(n) for t in templates] for n in classes]
+    return prompt_embeddings(model.encode_text, prompts).cpu()
+
+
+def build(cfg: DictConfig, device: torch.device) -> tuple[OVFasterRCNN, OVSplit]:
+    split = read_split(cfg.data.val_ann, tuple(cfg.data.base), tuple(cfg.data.novel))
+    model = load_backbone(cfg).to(device)
+    embeddings = class_text_embeddings(model, split.names, cfg.detector.get("templates"))
+    detector = build_detector(model, embeddings, split.class_weight(cfg.detector.background_weight),
+                              split.novel_mask, cfg.detector)
+    return detector.to(device), split
+
+
+def learning_rate(cfg: DictConfig, iteration: int, epoch: int) -> float:
+    lr = cfg.optim.lr * cfg.data.batch_size / 64
+    lr *= 0.1 ** sum(epoch >= e for e in cfg.optim.lr_steps)
+    if iteration < cfg.optim.warmup_iters:
+        ratio = cfg.optim.warmup_ratio
+        lr *= ratio + (1 - ratio) * iteration / cfg.optim.warmup_iters
+    return lr
+
+
+def epoch_order(size: int, seed: int, epoch: int, dist_info: DistInfo, per_rank: int) -> list[int]:
+    """This rank's indices of the epoch: one permutation per (seed, epoch), cut to whole global batches."""
+    order = np.random.default_rng((seed, epoch)).permutation(size)
+    steps = size // (per_rank * dist_info.world_size)
+    if steps == 0:
+        raise ConfigError(f"{size} training images are fewer than one batch of {per_rank} x {dist_info.world_size}")
+    order = order[: steps * per_rank * dist_info.world_size].reshape(steps, dist_info.world_size, per_rank)
+    return order[:, dist_info.rank].reshape(-1).tolist()
+
+
+def train(cfg: DictConfig, run_dir: Path, dist_info: DistInfo, device: torch.device) -> dict:
+    detector, split = build(cfg, device)
+    per_rank = cfg.data.batch_size // dist_info.world_size
+    if per_rank * dist_info.world_size != cfg.data.batch_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split over {dist_info.world_size} ranks")
+    train_set = OVDetectionSet(cfg.data.train_ann, cfg.data.train_image_root, split, cfg.data.image_size, train=True,
+                               seed=cfg.seed)
+    params = [p for p in detector.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(0.9, 0.999), weight_decay=cfg.optim.weight_decay)
+    start_epoch, checkpoint = 0, run_dir / "checkpoints" / "last.pt"
+    if cfg.resume and checkpoint.is_file():
+        state = load_checkpoint(checkpoint)
+        detector.load_state_dict(state["detector"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        log.info("resumed from %s after epoch %d", checkpoint, state["epoch"])
+    model = DistributedDataParallel(detector) if dist_info.enabled else detector
+    steps = len(epoch_order(len(train_set), cfg.seed, 0, dist_info, per_rank)) // per_rank
+    if cfg.optim.warmup_iters >= steps * cfg.epochs:
+        raise ConfigError(f"optim.warmup_iters={cfg.optim.warmup_iters} is not shorter than the run "
+                          f"({cfg.epochs} epochs of {steps} steps)")
+    for epoch in range(start_epoch, cfg.epochs):
+        train_set.set_epoch(epoch)
+        loader = DataLoader(torch.utils.data.Subset(train_set, epoch_order(len(train_set), cfg.seed, epoch, dist_info,
+                                                                            per_rank)),
+                            batch_size=per_rank, num_workers=cfg.data.num_workers, collate_fn=collate)
+        model.train()
+        progress = tqdm(loader, desc=f"detect epoch {epoch}", disable=not (cfg.progress and dist_info.is_main))
+        for step, (images, targets) in enumerate(progress):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, epoch * steps + step, epoch)
+            images = [im.to(device).float() / 255 for im in images]
+            targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                losses = model(images, targets)
+            loss = sum(losses.values())
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite detection loss at epoch {epoch} step {step}: "
+                                         f"{ {k: v.item() for k, v in losses.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            optimizer.step()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        if dist_info.is_main:
+            save_checkpoint({"detector": detector.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                             "epoch": epoch, "config": OmegaConf.to_container(cfg, resolve=True)}, checkpoint)
+    return evaluate(cfg, detector, split, device) if dist_info.is_main else {}
+
+
+@torch.no_grad()
+def evaluate(cfg: DictConfig, detector: OVFasterRCNN, split: OVSplit, device: torch.device) -> dict:
+    """AP50 per class on the val file, averaged over novel / base / all classes."""
+    val_set = OVDetectionSet(cfg.data.val_ann, cfg.data.image_root, split, cfg.data.image_size, train=False)
+    loader = DataLoader(val_set, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+                        collate_fn=collate)
+    detector.eval()
+    results = []
+    for images, targets in tqdm(loader, desc="detect eval", disable=not cfg.progress):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outputs = detector([im.to(device).float() / 255 for im in images])
+        for out, target in zip(outputs, targets, strict=True):
+            boxes = out["boxes"].float().cpu() / target["scale"]
+            for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True):
+                results.append({"image_id": target["image_id"], "category_id": split.category_ids[label - 1],
+                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+    per_class = ap50_per_class(json.loads(Path(cfg.data.val_ann).read_text()), results, list(split.category_ids))
+    metrics = {"detect/protocol": cfg.protocol, "detect/images": float(len(val_set)), **split_ap50(per_class, split)}
+    named = zip(split.names, split.category_ids, strict=True)
+    metrics.update({f"detect/ap50/{n}": per_class.get(c, float("nan")) for n, c in named})
+    return metrics
+
+
+def load_detector(cfg: DictConfig, path: str, device: torch.device) -> tuple[OVFasterRCNN, OVSplit]:
+    detector, split = build(cfg, device)
+    state = load_checkpoint(path)
+    if "detector" not in state:
+        raise CheckpointError(f"detector={path} is not a fineclip.detect checkpoint (no 'detector' entry)")
+    missing, unexpected = detector.load_state_dict(state["detector"], strict=True)
+    missing = [k for k in missing if not k.startswith("backbone.vit.")]
+    if missing or unexpected:
+        raise CheckpointError(f"detector={path} does not fit the configured detector: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return detector, split
