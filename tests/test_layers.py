@@ -17,10 +17,10 @@ LAYERS = [
     ("fineclip.methods",),
     ("fineclip.eval",),
     ("fineclip.engine",),
-    ("fineclip.annotate", "fineclip.viz"),
+    ("fineclip.annotate", "fineclip.viz", "fineclip.detect"),
     ("fineclip.cli", "fineclip.train", "fineclip.evaluate", "fineclip.benchmark", "fineclip.export", "fineclip.convert",
      "fineclip.results",
-     "fineclip.annotate.__main__", "fineclip.viz.__main__"),
+     "fineclip.annotate.__main__", "fineclip.viz.__main__", "fineclip.detect.__main__"),
 ]
 ENTRY_POINTS = set(LAYERS[-1])
 MAX_LINES = 350

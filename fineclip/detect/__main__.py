@@ -43,6 +43,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         else:
             metrics = train(cfg, run_dir, dist_info, device)
         if dist_info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "detect.json").write_text(json.dumps(metrics, indent=2))
             print("detection [{}]: AP50 novel {:.1f}   base {:.1f}   all {:.1f}".format(
                 metrics["detect/protocol"], metrics["detect/novel_ap50"], metrics["detect/base_ap50"],

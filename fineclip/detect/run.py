@@ -104,7 +104,7 @@ def train(cfg: DictConfig, run_dir: Path, dist_info: DistInfo, device: torch.dev
     start_epoch, checkpoint = 0, run_dir / "checkpoints" / "last.pt"
     if cfg.resume and checkpoint.is_file():
         state = load_checkpoint(checkpoint)
-        detector.load_state_dict(state["detector"], strict=True)
+        detector.load_state_dict(state["detector"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
         log.info("resumed from %s after epoch %d", checkpoint, state["epoch"])
@@ -170,7 +170,7 @@ def load_detector(cfg: DictConfig, path: str, device: torch.device) -> tuple[OVF
     state = load_checkpoint(path)
     if "detector" not in state:
         raise CheckpointError(f"detector={path} is not a fineclip.detect checkpoint (no 'detector' entry)")
-    missing, unexpected = detector.load_state_dict(state["detector"], strict=True)
+    missing, unexpected = detector.load_state_dict(state["detector"], strict=False)
     missing = [k for k in missing if not k.startswith("backbone.vit.")]
     if missing or unexpected:
         raise CheckpointError(f"detector={path} does not fit the configured detector: missing {missing[:5]}, "
