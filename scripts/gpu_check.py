@@ -8,7 +8,9 @@
 4. a BLIP-2-sized captioner (blip2-opt-2.7b's dimensions) with random weights: regions/s of fineclip.annotate's
    HFCaptioner;
 5. an EVA02-B-16 file in EVA-CLIP's native layout (random weights, as ``EVA02_CLIP_B_psz16_s8B.pt`` stores them)
-   converted at load and evaluated with box_fc at 224 px on generated COCO-panoptic-shaped data: boxes/s.
+   converted at load and evaluated with box_fc at 224 px on generated COCO-panoptic-shaped data: boxes/s;
+6. fineclip.detect's OV-COCO B/16 detector (F-ViT) at 640 px, batch 8, random backbone weights: s/iteration and
+   peak memory of the training step.
 
 Each part runs inside a time budget; a part that fails or is cut prints its reason in the table instead
 of stopping the others. On a CPU, ``--models tiny --precision fp32 --no-compile --batch 4`` checks the
@@ -249,6 +251,62 @@ def eva_clip_eval_row(args) -> dict:
             "step_s": None, "images_per_s": args.eva_images / seconds, "peak_gb": None}
 
 
+def detect_row(args) -> dict:
+    """A few training iterations of the OV-COCO detector (``+detect=ov_coco_b16``) on random images and boxes."""
+    from hydra import compose, initialize_config_dir
+
+    from fineclip.benchmark import sync
+    from fineclip.detect.model import build_detector
+    from fineclip.detect.run import load_backbone
+
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    overrides = [f"+detect={args.detect_config}", *args.detect_overrides.split()]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="detect", overrides=overrides)
+    torch.manual_seed(0)
+    model = load_backbone(cfg).to(device)
+    classes = len(cfg.data.base) + len(cfg.data.novel)
+    embeddings = torch.nn.functional.normalize(torch.randn(classes + 1, model.embed_dim), dim=-1)
+    weight = torch.cat([torch.tensor([0.6]), torch.ones(classes)])
+    detector = build_detector(model, embeddings, weight, torch.zeros(classes + 1, dtype=torch.bool),
+                              cfg.detector).to(device).train()
+    params = [p for p in detector.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    size, batch = int(cfg.data.image_size), args.detect_batch
+    generator = torch.Generator().manual_seed(0)
+
+    def sample():
+        corner = torch.rand(6, 2, generator=generator) * size * 0.6
+        boxes = torch.cat([corner, corner + 20 + torch.rand(6, 2, generator=generator) * size * 0.35], dim=1)
+        labels = torch.randint(1, classes + 1, (6,), generator=generator)
+        return {"boxes": boxes.to(device), "labels": labels.to(device)}
+
+    images = [torch.rand(3, size, size, generator=generator).to(device) for _ in range(batch)]
+    targets = [sample() for _ in range(batch)]
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = sum(detector(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"check": f"fineclip.detect {args.detect_config}", "model": cfg.model.name, "ok": bool(torch.isfinite(loss)),
+            "result": f"{seconds:.3f} s/iteration at {size} px, batch {batch}, loss {loss.item():.3f}",
+            "step_s": seconds, "images_per_s": batch / seconds, "peak_gb": peak}
+
+
 def table(rows: list[dict]) -> str:
     def num(v, fmt):
         return "" if v is None or v != v else format(v, fmt)
@@ -274,6 +332,9 @@ def main() -> int:
     parser.add_argument("--tiny-captioner", action="store_true", help="a tiny BLIP-2 (checks the script on a CPU)")
     parser.add_argument("--eva-model", default="eva02_b16", help="the model config of the EVA-CLIP-layout row")
     parser.add_argument("--eva-images", type=int, default=256, help="generated COCO-panoptic-shaped images")
+    parser.add_argument("--detect-config", default="ov_coco_b16", help="the +detect= config of the detection row")
+    parser.add_argument("--detect-overrides", default="", help="more overrides of the detection row (space-separated)")
+    parser.add_argument("--detect-batch", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=450, help="time for all parts; the rest is skipped")
     parser.add_argument("--out", default=None, help="also write the table (markdown) and rows (json) here")
     args = parser.parse_args()
@@ -300,7 +361,7 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"gpu_check on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}",
           flush=True)
-    later = 240  # seconds kept for the benchmark, the captioner and the EVA-CLIP row, which run last
+    later = 280  # seconds kept for the benchmark, the captioner, the EVA-CLIP and the detection rows, which run last
     attempt("torchrun", "fineclip-tiny", lambda: torchrun_row(args, min(120, left() - later)), later + 30)
     for method in args.methods.split(","):
         for model in args.models.split(","):
@@ -308,6 +369,7 @@ def main() -> int:
     attempt("fineclip.benchmark", args.benchmark_model, lambda: benchmark_row(args, min(150, left() - 50)), 80)
     attempt("BLIP-2 captioner", "blip2-opt-2.7b size", lambda: captioner_row(args), 40)
     attempt("EVA-CLIP layout file, box_fc", args.eva_model, lambda: eva_clip_eval_row(args), 30)
+    attempt(f"fineclip.detect {args.detect_config}", "EVA02-B-16", lambda: detect_row(args), 30)
     text = table(rows)
     print(f"\n{text}\n\n{time.perf_counter() - start:.0f} s in all", flush=True)
     if args.out:

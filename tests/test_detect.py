@@ -179,3 +179,18 @@ def test_the_ov_coco_configs_compose_with_the_published_settings():
         assert len(cfg.data.base) == 48 and len(cfg.data.novel) == 17 and not set(cfg.data.base) & set(cfg.data.novel)
         assert (cfg.detector.alpha, cfg.detector.beta, cfg.detector.clip_temperature) == (0.1, 0.8, 75.0)
         assert cfg.optim.lr == 1e-4 and cfg.data.batch_size == 64 and cfg.epochs == 3
+
+
+def test_the_gpu_checks_detection_row_runs_on_a_cpu():
+    import argparse
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
+    gpu_check = importlib.import_module("gpu_check")
+    args = argparse.Namespace(device="cpu", steps=1, detect_batch=2, detect_config="ov_coco_b16",
+                              detect_overrides="model=tiny data.image_size=64 backbone.taps=[0,1,2,3] "
+                                               "detector.fpn_channels=16 detector.rpn_pre_nms=50 "
+                                               "detector.rpn_post_nms=20 detector.roi_samples=16")
+    row = gpu_check.detect_row(args)
+    assert row["ok"] and "s/iteration at 64 px, batch 2" in row["result"], row
