@@ -22,18 +22,6 @@ from torch.utils.data import Dataset
 
 from fineclip.errors import AnnotationError
 
-# OV-COCO (CLIPSelf's mscoco_seen_classes.json / mscoco_unseen_classes.json)
-OV_COCO_BASE = ("person", "bicycle", "car", "motorcycle", "train", "truck", "boat", "bench", "bird", "horse", "sheep",
-                "bear", "zebra", "giraffe", "backpack", "handbag", "suitcase", "frisbee", "skis", "kite", "surfboard",
-                "bottle", "fork", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
-                "pizza", "donut", "chair", "bed", "toilet", "tv", "laptop", "mouse", "remote", "microwave", "oven",
-                "toaster", "refrigerator", "book", "clock", "vase", "toothbrush")
-OV_COCO_NOVEL = ("airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard", "skateboard",
-                 "cup", "knife", "cake", "couch", "keyboard", "sink", "scissors")
-# the synthetic scenes' 12 shapes: 8 base, 4 novel (fixed)
-SYNTHETIC_BASE = ("circle", "square", "triangle", "cross", "star", "diamond", "hexagon", "ring")
-SYNTHETIC_NOVEL = ("heart", "crescent", "arrow", "pentagon")
-
 
 @dataclass(frozen=True)
 class OVSplit:
