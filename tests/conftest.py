@@ -69,3 +69,15 @@ def tiny_bert(tmp_path_factory):
     torch.manual_seed(0)
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def gpu_check():
+    """scripts/gpu_check.py as a module (its rows run on the CPU in the tests)."""
+    import importlib
+    import sys
+
+    from fineclip.cli import CONFIG_DIR
+
+    sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
+    return importlib.import_module("gpu_check")

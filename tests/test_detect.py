@@ -181,13 +181,9 @@ def test_the_ov_coco_configs_compose_with_the_published_settings():
         assert cfg.optim.lr == 1e-4 and cfg.data.batch_size == 64 and cfg.epochs == 3
 
 
-def test_the_gpu_checks_detection_row_runs_on_a_cpu():
+def test_the_gpu_checks_detection_row_runs_on_a_cpu(gpu_check):
     import argparse
-    import importlib
-    import sys
 
-    sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
-    gpu_check = importlib.import_module("gpu_check")
     args = argparse.Namespace(device="cpu", steps=1, detect_batch=2, detect_config="ov_coco_b16",
                               detect_overrides="model=tiny data.image_size=64 backbone.taps=[0,1,2,3] "
                                                "detector.fpn_channels=16 detector.rpn_pre_nms=50 "

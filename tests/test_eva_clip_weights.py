@@ -120,29 +120,19 @@ def test_convert_writes_an_eva_clip_file_that_plain_open_clip_loads(eva_file, tm
         torch.testing.assert_close(loaded.encode_image(pixels.double()), eva.vision(state, pixels)[0], **TOL)
 
 
-def _gpu_check():
-    import importlib
-    import sys
-
-    from fineclip.cli import CONFIG_DIR
-
-    sys.path.insert(0, str(CONFIG_DIR.parent / "scripts"))
-    return importlib.import_module("gpu_check")
-
-
-def test_the_gpu_checks_layout_writer_is_the_inverse_of_the_conversion(tmp_path):
+def test_the_gpu_checks_layout_writer_is_the_inverse_of_the_conversion(tmp_path, gpu_check):
     torch.manual_seed(0)
     original = open_clip.create_model("fineclip-tiny-eva-clip").state_dict()
-    written = _gpu_check().eva_clip_layout(original)
+    written = gpu_check.eva_clip_layout(original)
     assert "visual.blocks.0.attn.q_bias" in written and "visual.blocks.1.mlp.ffn_ln.weight" in written
     save_checkpoint(written, tmp_path / "eva.pt")
     loaded = create_model("fineclip-tiny-eva-clip", checkpoint=str(tmp_path / "eva.pt")).clip.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in original.items())
 
 
-def test_the_gpu_checks_eva_clip_row_runs_on_a_cpu():
+def test_the_gpu_checks_eva_clip_row_runs_on_a_cpu(gpu_check):
     import argparse
 
-    row = _gpu_check().eva_clip_eval_row(argparse.Namespace(eva_model="tiny_eva_clip", eva_images=3, device="cpu",
+    row = gpu_check.eva_clip_eval_row(argparse.Namespace(eva_model="tiny_eva_clip", eva_images=3, device="cpu",
                                                             batch=4))
     assert row["ok"] and "boxes/s (24 boxes on 3 images" in row["result"], row

@@ -27,6 +27,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import batched_nms, roi_align
 from torchvision.ops import boxes as box_ops
 
+from fineclip.detect.poolers import as_rois
+
 
 class OVBoxPredictor(nn.Module):
     def __init__(self, in_features: int, class_embeddings: torch.Tensor, temperature: float = 50.0) -> None:
@@ -85,9 +87,8 @@ class OVRoIHeads(RoIHeads):
         return self.detections(class_logits, box_regression, proposals, image_shapes, dense), {}
 
     def clip_logits(self, dense: torch.Tensor, proposals: list[torch.Tensor]) -> torch.Tensor:
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(proposals)])
-        pooled = roi_align(dense, rois.to(dense.dtype), (1, 1), spatial_scale=1 / self.clip_stride, sampling_ratio=0,
-                           aligned=True).flatten(1)
+        pooled = roi_align(dense, as_rois(proposals).to(dense.dtype), (1, 1), spatial_scale=1 / self.clip_stride,
+                           sampling_ratio=0, aligned=True).flatten(1)
         embeddings = self.box_predictor.class_embeddings
         return self.clip_temperature * F.normalize(pooled.float(), dim=-1) @ embeddings.t()
 

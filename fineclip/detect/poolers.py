@@ -14,6 +14,11 @@ from torch import nn
 from torchvision.ops import roi_align
 
 
+def as_rois(boxes: list[torch.Tensor]) -> torch.Tensor:
+    """(K, 5) rows (image index, x1, y1, x2, y2) of one (n_i, 4) box tensor per image, as ``roi_align`` takes."""
+    return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+
+
 def roi_levels(boxes: torch.Tensor, num_levels: int, finest_scale: float = 56.0) -> torch.Tensor:
     """The pyramid level of each (x1, y1, x2, y2) box."""
     scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
@@ -32,7 +37,7 @@ class StridedRoIAlign(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """(K, C, output, output) for the K boxes of ``proposals`` (one tensor per image), in their order."""
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(proposals)])
+        rois = as_rois(proposals)
         levels = roi_levels(rois[:, 1:], len(self.strides), self.finest_scale)
         first = features[self.featmap_names[0]]
         out = first.new_zeros(len(rois), first.shape[1], self.output_size, self.output_size)
