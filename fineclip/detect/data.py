@@ -3,7 +3,8 @@
 Training keeps the annotations of base classes only (and the images that have one, as mmdet filters
 empty ones) and applies large-scale jitter: resize keeping the ratio so that the long side is r·S,
 r ~ U(0.1, 2.0); a random crop of at most S×S (boxes shifted and clipped, those under 0.01 px dropped, an
-empty crop allowed); a horizontal flip with probability 0.5; padding to S×S. Evaluation resizes every image
+empty crop allowed); a horizontal flip with probability 0.5; padding to S×S. The jitter of an image and the
+seed of its detector samples (the target's ``seed``) depend on (seed, epoch, index) only. Evaluation resizes every image
 keeping the ratio into S×S and pads it; ``scale`` maps the detections back to the file's pixels.
 Labels are 1…C in the split's class order (0 is the background).
 """
@@ -103,9 +104,11 @@ class OVDetectionSet(Dataset):
                 image = img.convert("RGB")
         except OSError as err:
             raise AnnotationError(f"cannot read image id={image_id} {path}: {err}") from err
+        seed = None
         if self.train:
-            image, boxes, labels, scale = self._jitter(image, boxes, labels,
-                                                       np.random.default_rng((self.seed, self.epoch, index)))
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            image, boxes, labels, scale = self._jitter(image, boxes, labels, rng)
+            seed = int(rng.integers(2**62))  # the detector's RPN / RoI samples of this image
         else:
             scale = min(self.size / image.height, self.size / image.width)
             height, width = keep_ratio_size(image.height, image.width, scale)
@@ -115,6 +118,8 @@ class OVDetectionSet(Dataset):
         pixels[:, : array.shape[1], : array.shape[2]] = array
         target = {"boxes": torch.from_numpy(boxes).float().reshape(-1, 4), "labels": torch.from_numpy(labels),
                   "image_id": image_id, "scale": scale}
+        if seed is not None:
+            target["seed"] = seed
         return pixels, target
 
     def _jitter(self, image, boxes, labels, rng):

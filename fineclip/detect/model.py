@@ -8,6 +8,10 @@
   and ``OVRoIHeads`` (512 samples ``roi_samples``, ¼ positive, IoU 0.5; test: score 0.01, NMS 0.4, 100 per
   image); the synthetic CPU config narrows channels, samples and proposals;
 - transform: normalise and batch only; the data set resizes (LSJ crops are not rescaled again).
+
+The RPN's and the RoI head's positive/negative samples of an image are drawn from a generator seeded by the
+image's ``seed`` target (the data set's (seed, epoch, index)), so that they do not depend on the rank or the
+batch the image is in: N ranks train as one process, and a resumed run draws what the uninterrupted one drew.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -42,6 +47,24 @@ class StridedAnchorGenerator(AnchorGenerator):
         return [anchors for _ in image_list.image_sizes]
 
 
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's sampler, each image's draw from its own seed when ``seeds`` is set."""
+
+    seeds: list[int] | None = None
+
+    def __call__(self, matched_idxs: list[torch.Tensor]):
+        if self.seeds is None:
+            return super().__call__(matched_idxs)
+        positive, negative = [], []
+        for matched, seed in zip(matched_idxs, self.seeds, strict=True):
+            with torch.random.fork_rng(devices=[matched.device] if matched.is_cuda else []):
+                torch.manual_seed(seed)
+                pos, neg = super().__call__([matched])
+            positive += pos
+            negative += neg
+        return positive, negative
+
+
 class NoResizeTransform(GeneralizedRCNNTransform):
     def resize(self, image, target=None):
         return image, target
@@ -55,6 +78,9 @@ class OVFasterRCNN(nn.Module):
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         """Training: the loss dict; evaluation: one dict of boxes, scores and labels per image."""
+        seeds = [int(t["seed"]) for t in targets] if targets and "seed" in targets[0] else None
+        self.rpn.fg_bg_sampler.seeds = seeds
+        self.roi_heads.fg_bg_sampler.seeds = None if seeds is None else [s + 1 for s in seeds]
         batch, targets = self.transform(images, targets)
         features, dense = self.backbone(batch.tensors)
         proposals, rpn_losses = self.rpn(batch, features, targets)
@@ -91,6 +117,8 @@ def build_detector(clip_model: FineCLIPModel, class_embeddings: torch.Tensor, cl
         detections_per_img=cfg.detections_per_img, class_weight=class_weight, novel=novel, alpha=cfg.alpha,
         beta=cfg.beta, clip_temperature=cfg.clip_temperature, clip_stride=backbone.patch)
     size = int(clip_model.image_size[0])
+    rpn.fg_bg_sampler = SeededSampler(256, 0.5)
+    roi_heads.fg_bg_sampler = SeededSampler(cfg.roi_samples, 0.25)
     transform = NoResizeTransform(size, size, clip_model.pixel_mean.flatten().tolist(),
                                   clip_model.pixel_std.flatten().tolist(), size_divisible=1)
     return OVFasterRCNN(backbone, rpn, roi_heads, transform)

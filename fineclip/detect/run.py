@@ -3,8 +3,9 @@ file of the configured model), base-class training, AP50 on novel / base / all c
 
 Optimiser (CLIPSelf's OV-COCO): AdamW lr 1e-4 · batch/64, betas (0.9, 0.999), weight decay 0.1, gradient
 norm clipped at 1.0, a linear warmup over 250 iterations from 1e-3 of the lr, then constant (OV-LVIS: ×0.1 at
-the epochs of ``lr_steps``). An epoch's order depends on (seed, epoch) only, split across ranks; a run
-resumes from its last finished epoch.
+the epochs of ``lr_steps``). An epoch's order depends on (seed, epoch) only, split across ranks, and an
+image's jitter and samples on (seed, epoch, index) only: N ranks train as one process, and a run resumes
+mid-epoch to the step it would have reached.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from tqdm import tqdm
 from fineclip.detect.data import OVDetectionSet, OVSplit, collate, read_split
 from fineclip.detect.metrics import ap50_per_class, split_ap50
 from fineclip.detect.model import OVFasterRCNN, build_detector
-from fineclip.engine.checkpoint import load_checkpoint, save_checkpoint
+from fineclip.detect.sync_bn import sync_batchnorm
+from fineclip.engine.checkpoint import load_checkpoint, load_latest_checkpoint, save_step_checkpoint
 from fineclip.engine.distributed import DistInfo
+from fineclip.engine.metrics_log import MetricsLogger
 from fineclip.errors import CheckpointError, ConfigError
 from fineclip.eval.protocols import vild_prompts
 from fineclip.models import FineCLIPModel
@@ -43,7 +46,12 @@ def load_backbone(cfg: DictConfig) -> FineCLIPModel:
     if path and Path(path).is_file():
         state = load_checkpoint(path)
         if isinstance(state, dict) and "config" in state and "model" in state:
-            model = instantiate(OmegaConf.create({**state["config"]["model"], "checkpoint": None}))
+            saved = state["config"]["model"]
+            if saved.get("name") != cfg.model.name:
+                raise ConfigError(f"backbone.checkpoint={path} holds a {saved.get('name')} tower, the detector is "
+                                  f"configured for {cfg.model.name} (its taps {list(cfg.backbone.taps)} and input size "
+                                  f"follow it): choose the matching +detect= config or model=")
+            model = instantiate(OmegaConf.create({**saved, "checkpoint": None}))
             load_model_weights(model, state["model"], path)
         else:
             model = instantiate(cfg.model, checkpoint=path)
@@ -93,38 +101,57 @@ def epoch_order(size: int, seed: int, epoch: int, dist_info: DistInfo, per_rank:
 
 
 def train(cfg: DictConfig, run_dir: Path, dist_info: DistInfo, device: torch.device) -> dict:
+    """Train the detector's heads; every ``checkpoint_every`` steps and at each epoch's end the trainable
+    weights, the optimiser and the position (epoch, steps done in it) go to ``checkpoints/``. A resumed run
+    continues from the newest readable one and takes the steps the uninterrupted run would have taken."""
     detector, split = build(cfg, device)
+    if dist_info.enabled:
+        detector = sync_batchnorm(detector, device)
     per_rank = cfg.data.batch_size // dist_info.world_size
     if per_rank * dist_info.world_size != cfg.data.batch_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split over {dist_info.world_size} ranks")
     train_set = OVDetectionSet(cfg.data.train_ann, cfg.data.train_image_root, split, cfg.data.image_size, train=True,
-                               seed=cfg.seed)
-    params = [p for p in detector.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(0.9, 0.999), weight_decay=cfg.optim.weight_decay)
-    start_epoch, checkpoint = 0, run_dir / "checkpoints" / "last.pt"
-    if cfg.resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint)
-        detector.load_state_dict(state["detector"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        log.info("resumed from %s after epoch %d", checkpoint, state["epoch"])
-    model = DistributedDataParallel(detector) if dist_info.enabled else detector
+                               seed=cfg.seed, scale_range=tuple(cfg.data.scale_range))
     steps = len(epoch_order(len(train_set), cfg.seed, 0, dist_info, per_rank)) // per_rank
     if cfg.optim.warmup_iters >= steps * cfg.epochs:
         raise ConfigError(f"optim.warmup_iters={cfg.optim.warmup_iters} is not shorter than the run "
                           f"({cfg.epochs} epochs of {steps} steps)")
+    params = [p for p in detector.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(0.9, 0.999), weight_decay=cfg.optim.weight_decay)
+    folder = run_dir / "checkpoints"
+    start_epoch, done = 0, 0  # the epoch to run and the steps of it already taken
+    found = load_latest_checkpoint(folder) if cfg.resume else None
+    if found:
+        path, state = found
+        detector.load_state_dict(state["detector"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, done = (state["epoch"] + 1, 0) if state["step"] >= steps else (state["epoch"], state["step"])
+        log.info("resumed from %s (epoch %d, step %d of %d)", path, state["epoch"], state["step"], steps)
+    model = DistributedDataParallel(detector) if dist_info.enabled else detector
+    logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard) if dist_info.is_main else None
+
+    def save(epoch: int, step: int) -> None:
+        if dist_info.is_main:
+            save_step_checkpoint({"detector": detector.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                                  "epoch": epoch, "step": step, "config": OmegaConf.to_container(cfg, resolve=True)},
+                                 folder, epoch * steps + step)
+
     for epoch in range(start_epoch, cfg.epochs):
         train_set.set_epoch(epoch)
-        loader = DataLoader(torch.utils.data.Subset(train_set, epoch_order(len(train_set), cfg.seed, epoch, dist_info,
-                                                                            per_rank)),
-                            batch_size=per_rank, num_workers=cfg.data.num_workers, collate_fn=collate)
+        order = epoch_order(len(train_set), cfg.seed, epoch, dist_info, per_rank)[done * per_rank:]
+        loader = DataLoader(torch.utils.data.Subset(train_set, order), batch_size=per_rank,
+                            num_workers=cfg.data.num_workers, collate_fn=collate)
         model.train()
-        progress = tqdm(loader, desc=f"detect epoch {epoch}", disable=not (cfg.progress and dist_info.is_main))
-        for step, (images, targets) in enumerate(progress):
+        progress = tqdm(loader, desc=f"detect epoch {epoch}", initial=done, total=steps,
+                        disable=not (cfg.progress and dist_info.is_main))
+        for step, (images, targets) in enumerate(progress, start=done):
+            iteration = epoch * steps + step
+            lr = learning_rate(cfg, iteration, epoch)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, epoch * steps + step, epoch)
+                group["lr"] = lr
             images = [im.to(device).float() / 255 for im in images]
-            targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+            targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device), "seed": t["seed"]}
+                       for t in targets]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 losses = model(images, targets)
             loss = sum(losses.values())
@@ -136,10 +163,19 @@ def train(cfg: DictConfig, run_dir: Path, dist_info: DistInfo, device: torch.dev
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             optimizer.step()
             progress.set_postfix(loss=f"{loss.item():.3f}")
-        if dist_info.is_main:
-            save_checkpoint({"detector": detector.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                             "epoch": epoch, "config": OmegaConf.to_container(cfg, resolve=True)}, checkpoint)
-    return evaluate(cfg, detector, split, device) if dist_info.is_main else {}
+            if logger and (iteration + 1) % cfg.log_every == 0:
+                logger.log(iteration + 1, {"detect/loss": loss.item(), "lr": lr,
+                                           **{f"detect/{k}": v.item() for k, v in losses.items()}}, epoch=epoch)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                save(epoch, step + 1)
+        save(epoch, steps)
+        done = 0
+    if not dist_info.is_main:
+        return {}
+    metrics = evaluate(cfg, detector, split, device)
+    logger.log(cfg.epochs * steps, metrics)
+    logger.close()
+    return metrics
 
 
 @torch.no_grad()
