@@ -5,8 +5,11 @@
 Each argument is a run directory (holds ``config.yaml``) or a multirun directory (its
 sub-folders are runs, taken in job order). A row: the run's label (the overrides that set it
 apart from the other jobs of its sweep, or its ``name``), its loss terms, teacher and regions, box top-1/top-5,
-I2T/T2I R@1, the mean time per epoch and the peak memory (GPU: allocated; CPU: process RSS).
-A run without ``eval.json`` (failed or unfinished) keeps its row, with empty metrics.
+I2T/T2I R@1, the detection AP50 novel/base/all, the mean time per epoch and the peak memory (GPU: allocated;
+CPU: process RSS). A run without ``eval.json`` (failed or unfinished) keeps its row, with empty metrics.
+
+A ``python -m fineclip.detect`` run is a row of its own (its ``detect.json``), unless its backbone checkpoint
+lies inside a training run of the same table: then its AP50 columns join that run's row.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ COLUMNS = (  # (key, header, format)
     ("retrieval/t2i_r1", "T2I R@1", "{:.1f}"),
     ("seg/linear_probe_miou", "probe mIoU", "{:.1f}"),
     ("seg/zero_shot_miou", "zero-shot mIoU", "{:.1f}"),
+    ("detect/novel_ap50", "AP50 novel", "{:.1f}"),
+    ("detect/base_ap50", "AP50 base", "{:.1f}"),
+    ("detect/all_ap50", "AP50 all", "{:.1f}"),
     ("epoch_time_s", "time/epoch (s)", "{:.0f}"),
     ("peak_memory_gb", "peak mem (GB)", "{:.2f}"),
 )
@@ -46,6 +52,7 @@ class RunResult:
     values: dict[str, float] = field(default_factory=dict)
     label: str = ""
     roles: str = ""
+    backbone: Path | None = None  # a detection run's backbone checkpoint
 
 
 def loss_terms(loss: dict) -> str:
@@ -93,8 +100,11 @@ def read_run(run_dir: Path) -> RunResult:
     overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
     result = RunResult(run_dir, config.get("name", run_dir.name), list(overrides), loss_terms(config.get("loss", {})),
                        roles=roles(config))
-    if (run_dir / "eval.json").is_file():
-        result.values.update(json.loads((run_dir / "eval.json").read_text()))
+    for name in ("eval.json", "detect.json"):
+        if (run_dir / name).is_file():
+            result.values.update(json.loads((run_dir / name).read_text()))
+    checkpoint = (config.get("backbone") or {}).get("checkpoint")
+    result.backbone = Path(checkpoint).resolve() if checkpoint else None
     epoch_times, peaks = [], []
     if (run_dir / "metrics.jsonl").is_file():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -119,12 +129,26 @@ def collect(paths: list[str | Path]) -> list[RunResult]:
                 own = [o for o in r.overrides if common is not None and o not in common]
                 r.label = " ".join(own) or r.name
             rows.extend(results)
-    return rows
+    return join_detection(rows)
+
+
+def join_detection(rows: list[RunResult]) -> list[RunResult]:
+    """Detection rows whose backbone checkpoint lies inside another row's run folder join that row."""
+    kept = []
+    for row in rows:
+        owner = next((r for r in rows if r is not row and row.backbone and "detect/protocol" not in r.values
+                      and row.backbone.is_relative_to(r.path.resolve())), None)
+        if owner is None:
+            kept.append(row)
+        else:
+            owner.values.update({k: v for k, v in row.values.items() if k.startswith("detect/")})
+    return kept
 
 
 def protocols(r: RunResult) -> str:
     """The evaluation protocols that made the run's numbers (fineclip.eval.protocols)."""
-    return ", ".join(str(r.values[k]) for k in ("box/protocol", "retrieval/protocol") if k in r.values)
+    keys = ("box/protocol", "retrieval/protocol", "detect/protocol")
+    return ", ".join(str(r.values[k]) for k in keys if k in r.values)
 
 
 def markdown_table(rows: list[RunResult]) -> str:
@@ -139,7 +163,7 @@ def markdown_table(rows: list[RunResult]) -> str:
         cells += [protocols(r) or "—"] if with_protocols else []
         lead = [str(i), r.label, r.loss_weights, *([r.roles or "—"] if with_roles else [])]
         lines.append("| " + " | ".join([*lead, *cells]) + " |")
-    missing = [r for r in rows if "box/top1" not in r.values and "retrieval/i2t_r1" not in r.values]
+    missing = [r for r in rows if not {"box/top1", "retrieval/i2t_r1", "detect/all_ap50"} & set(r.values)]
     if missing:
         lines.append("")
         lines.append(f"{len(missing)} run(s) without eval.json (failed or unfinished): "

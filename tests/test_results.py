@@ -63,3 +63,27 @@ def test_rows_name_loss_terms_teacher_and_regions():
     assert roles({"teacher": {"_target_": "fineclip.methods.EMATeacher"}, "regions": {"source": "proposals"}}) == \
         "ema / proposals"
     assert roles({}) == ""
+
+
+def _fake_detect_run(path, backbone, ap50):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"name": "detect_synthetic", "backbone": {"checkpoint": backbone}}))
+    novel, base, all_ = ap50
+    (path / "detect.json").write_text(json.dumps({"detect/protocol": "ov_synthetic", "detect/novel_ap50": novel,
+                                                  "detect/base_ap50": base, "detect/all_ap50": all_}))
+
+
+def test_a_detection_run_joins_the_row_of_its_backbones_training_run(tmp_path, capsys):
+    trained = tmp_path / "fineclip"
+    _fake_run(trained, ["method=fineclip"], (1, 1, 1), {"box/top1": 40.0, "box/protocol": "box_cs"}, [(5.0, 1.0)])
+    _fake_detect_run(tmp_path / "detect_fineclip", str(trained / "checkpoints" / "last.pt"), (12.34, 30.0, 25.0))
+    _fake_detect_run(tmp_path / "detect_untrained", None, (1.0, 8.0, 6.0))
+    rows = collect([trained, tmp_path / "detect_fineclip", tmp_path / "detect_untrained"])
+    assert [r.label for r in rows] == ["table", "detect_synthetic"]  # the fineclip detection joined its backbone
+    assert rows[0].values["detect/novel_ap50"] == 12.34 and rows[0].values["box/top1"] == 40.0
+    main([str(trained), str(tmp_path / "detect_fineclip"), str(tmp_path / "detect_untrained")])
+    table = capsys.readouterr().out
+    assert "| AP50 novel | AP50 base | AP50 all |" in table
+    assert "| 1 | table | gc + sd + rc | 40.0 | 12.3 | 30.0 | 25.0 | 5 | 1.00 | box_cs, ov_synthetic |" in table
+    assert "| 2 | detect_synthetic |  | — | 1.0 | 8.0 | 6.0 | — | — | ov_synthetic |" in table
+    assert "without eval.json" not in table

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fineclip.cli import CONFIG_DIR, check_config, exit_on_user_error
 from fineclip.data.synthetic import prepare_synthetic
@@ -33,6 +33,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         if dist_info.is_main:
             prepare_synthetic(cfg.data)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # for fineclip.results
         distributed.barrier()
         seed_everything(cfg.seed)
         if cfg.evaluate_only:
@@ -43,7 +45,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         else:
             metrics = train(cfg, run_dir, dist_info, device)
         if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "detect.json").write_text(json.dumps(metrics, indent=2))
             print("detection [{}]: AP50 novel {:.1f}   base {:.1f}   all {:.1f}".format(
                 metrics["detect/protocol"], metrics["detect/novel_ap50"], metrics["detect/base_ap50"],
