@@ -67,7 +67,8 @@ def test_rows_name_loss_terms_teacher_and_regions():
 
 def _fake_detect_run(path, backbone, ap50):
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(yaml.safe_dump({"name": "detect_synthetic", "backbone": {"checkpoint": backbone}}))
+    config = {"name": "detect_synthetic", "backbone": {"checkpoint": backbone}}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
     novel, base, all_ = ap50
     (path / "detect.json").write_text(json.dumps({"detect/protocol": "ov_synthetic", "detect/novel_ap50": novel,
                                                   "detect/base_ap50": base, "detect/all_ap50": all_}))

@@ -46,12 +46,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             metrics = train(cfg, run_dir, dist_info, device)
         if dist_info.is_main:
             (run_dir / "detect.json").write_text(json.dumps(metrics, indent=2))
-            print("detection [{}]: AP50 novel {:.1f}   base {:.1f}   all {:.1f}".format(
-                metrics["detect/protocol"], metrics["detect/novel_ap50"], metrics["detect/base_ap50"],
-                metrics["detect/all_ap50"]))
+            print(summary(metrics))
         return metrics
     finally:
         distributed.cleanup()
+
+
+def summary(metrics: dict) -> str:
+    if "detect/mask_apr" in metrics:
+        return "detection [{}]: mask AP {:.1f}   APr {:.1f}   APc {:.1f}   APf {:.1f}   (box APr {:.1f})".format(
+            *(metrics[k] for k in ("detect/protocol", "detect/mask_ap", "detect/mask_apr", "detect/mask_apc",
+                                   "detect/mask_apf", "detect/box_apr")))
+    return "detection [{}]: AP50 novel {:.1f}   base {:.1f}   all {:.1f}".format(
+        *(metrics[k] for k in ("detect/protocol", "detect/novel_ap50", "detect/base_ap50", "detect/all_ap50")))
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="detect", version_base="1.3")

@@ -6,7 +6,8 @@ r ~ U(0.1, 2.0); a random crop of at most S×S (boxes shifted and clipped, those
 empty crop allowed); a horizontal flip with probability 0.5; padding to S×S. The jitter of an image and the
 seed of its detector samples (the target's ``seed``) depend on (seed, epoch, index) only. Evaluation resizes every image
 keeping the ratio into S×S and pads it; ``scale`` maps the detections back to the file's pixels.
-Labels are 1…C in the split's class order (0 is the background).
+Labels are 1…C in the split's class order (0 is the background). With ``masks`` (OV-LVIS) each box's
+instance mask (the annotation's polygons or RLE, pycocotools) takes the same resize, crop and flip.
 """
 
 from __future__ import annotations
@@ -40,9 +41,17 @@ class OVSplit:
         return torch.tensor([background] + [0.0 if n in self.novel else 1.0 for n in self.names])
 
 
-def read_split(ann_file: str | Path, base: tuple[str, ...], novel: tuple[str, ...]) -> OVSplit:
-    """The split's classes as the file names them; a class of the split missing from the file is an error."""
+def read_split(ann_file: str | Path, base: tuple[str, ...] | None, novel: tuple[str, ...] | None) -> OVSplit:
+    """The split's classes as the file names them; a class of the split missing from the file is an error.
+    ``base`` and ``novel`` both None: LVIS's split by the file's own ``frequency`` field, the rare classes
+    novel and the frequent and common ones base (v1: 337 / 405 + 461, CLIPSelf's seen/unseen lists)."""
     data = _load(ann_file)
+    if base is None and novel is None:
+        if any("frequency" not in c for c in data["categories"]):
+            raise AnnotationError(f"{ann_file}: data.base/data.novel are null (split by LVIS frequency), but the "
+                                  "file's categories have no 'frequency' field")
+        base = tuple(c["name"] for c in data["categories"] if c["frequency"] in ("f", "c"))
+        novel = tuple(c["name"] for c in data["categories"] if c["frequency"] == "r")
     by_name = {c["name"]: c["id"] for c in data["categories"]}
     missing = [n for n in (*base, *novel) if n not in by_name]
     if missing:
@@ -50,6 +59,16 @@ def read_split(ann_file: str | Path, base: tuple[str, ...], novel: tuple[str, ..
     wanted = set(base) | set(novel)
     chosen = [c for c in data["categories"] if c["name"] in wanted]
     return OVSplit(tuple(c["name"] for c in chosen), tuple(c["id"] for c in chosen), frozenset(novel))
+
+
+def image_file(image: dict) -> str:
+    """An image record's path under the image root: ``file_name``, or LVIS's ``coco_url`` without the host
+    (``train2017/000000391895.jpg``, the image root then being the COCO folder)."""
+    if "file_name" in image:
+        return image["file_name"]
+    if "coco_url" in image:
+        return "/".join(image["coco_url"].split("/")[-2:])
+    raise AnnotationError(f"image id={image.get('id')} has neither 'file_name' nor 'coco_url'")
 
 
 def _load(ann_file: str | Path) -> dict:
@@ -67,7 +86,7 @@ def keep_ratio_size(height: int, width: int, factor: float) -> tuple[int, int]:
 
 class OVDetectionSet(Dataset):
     def __init__(self, ann_file: str, image_root: str, split: OVSplit, size: int, train: bool, seed: int = 0,
-                 scale_range: tuple[float, float] = (0.1, 2.0)) -> None:
+                 scale_range: tuple[float, float] = (0.1, 2.0), masks: bool = False) -> None:
         from pycocotools.coco import COCO
 
         self.coco = COCO()
@@ -75,7 +94,7 @@ class OVDetectionSet(Dataset):
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco.createIndex()
         self.ann_file, self.root, self.split, self.size, self.train = ann_file, Path(image_root), split, size, train
-        self.seed, self.epoch, self.scale_range = seed, 0, scale_range
+        self.seed, self.epoch, self.scale_range, self.masks = seed, 0, scale_range, masks
         label_of = {cid: i + 1 for i, cid in enumerate(split.category_ids)}
         named = zip(split.category_ids, split.names, strict=True)
         allowed = {cid for cid, name in named if not (train and name in split.novel)}  # training: base only
@@ -88,7 +107,8 @@ class OVDetectionSet(Dataset):
             boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
                              dtype=np.float32).reshape(-1, 4)
             labels = np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64)
-            self.records.append((image_id, self.coco.imgs[image_id]["file_name"], boxes, labels))
+            self.records.append((image_id, image_file(self.coco.imgs[image_id]), boxes, labels,
+                                 [a["id"] for a in anns]))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -97,46 +117,59 @@ class OVDetectionSet(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image_id, file_name, boxes, labels = self.records[index]
+        image_id, file_name, boxes, labels, ann_ids = self.records[index]
         path = self.root / file_name
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")
         except OSError as err:
             raise AnnotationError(f"cannot read image id={image_id} {path}: {err}") from err
+        masks = [Image.fromarray(self.coco.annToMask(self.coco.anns[i]) * 255) for i in ann_ids] if self.masks else []
         seed = None
         if self.train:
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            image, boxes, labels, scale = self._jitter(image, boxes, labels, rng)
+            image, masks, boxes, labels, scale = self._jitter(image, masks, boxes, labels, rng)
             seed = int(rng.integers(2**62))  # the detector's RPN / RoI samples of this image
         else:
             scale = min(self.size / image.height, self.size / image.width)
             height, width = keep_ratio_size(image.height, image.width, scale)
             image, boxes = image.resize((width, height), Image.BILINEAR), boxes * scale
-        pixels = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-        array = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-        pixels[:, : array.shape[1], : array.shape[2]] = array
+            masks = [m.resize((width, height), Image.BILINEAR) for m in masks]
         target = {"boxes": torch.from_numpy(boxes).float().reshape(-1, 4), "labels": torch.from_numpy(labels),
                   "image_id": image_id, "scale": scale}
         if seed is not None:
             target["seed"] = seed
-        return pixels, target
+        if self.masks:
+            target["masks"] = torch.stack([self._canvas(m)[0] >= 128 for m in masks]).to(torch.uint8) if masks else \
+                torch.zeros(0, self.size, self.size, dtype=torch.uint8)
+        return self._canvas(image), target
 
-    def _jitter(self, image, boxes, labels, rng):
+    def _canvas(self, image: Image.Image) -> torch.Tensor:
+        """(channels, S, S) uint8: the image at the top left, zeros elsewhere."""
+        array = torch.from_numpy(np.asarray(image).copy())
+        array = array[None] if array.dim() == 2 else array.permute(2, 0, 1)
+        pixels = torch.zeros(array.shape[0], self.size, self.size, dtype=torch.uint8)
+        pixels[:, : array.shape[1], : array.shape[2]] = array
+        return pixels
+
+    def _jitter(self, image, masks, boxes, labels, rng):
         ratio = rng.uniform(*self.scale_range)
         scale = self.size * ratio / max(image.height, image.width)
         height, width = keep_ratio_size(image.height, image.width, scale)
         image, boxes = image.resize((width, height), Image.BILINEAR), boxes * scale
         crop_h, crop_w = min(height, self.size), min(width, self.size)
         top, left = int(rng.integers(height - crop_h + 1)), int(rng.integers(width - crop_w + 1))
-        image = image.crop((left, top, left + crop_w, top + crop_h))
+        window = (left, top, left + crop_w, top + crop_h)
+        image = image.crop(window)
+        masks = [m.resize((width, height), Image.BILINEAR).crop(window) for m in masks]
         boxes = (boxes - np.array([left, top, left, top], dtype=np.float32)).clip(0, [crop_w, crop_h, crop_w, crop_h])
         keep = ((boxes[:, 2] - boxes[:, 0]) > 0.01) & ((boxes[:, 3] - boxes[:, 1]) > 0.01)
-        boxes, labels = boxes[keep], labels[keep]
+        boxes, labels, masks = boxes[keep], labels[keep], [m for m, k in zip(masks, keep, strict=False) if k]
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            masks = [m.transpose(Image.FLIP_LEFT_RIGHT) for m in masks]
             boxes = np.stack([crop_w - boxes[:, 2], boxes[:, 1], crop_w - boxes[:, 0], boxes[:, 3]], axis=1)
-        return image, boxes.astype(np.float32), labels, scale
+        return image, masks, boxes.astype(np.float32), labels, scale
 
 
 def collate(samples):

@@ -15,7 +15,8 @@ Test score fusion with the frozen CLIP map (RoIAlign 1×1 on the dense map, norm
     p_det = softmax(logits),  p_clip = softmax(T_vlm · ⟨r, t_c⟩)  over the same C + 1 columns
     s_c = p_det^(1−α) · p_clip^α  for base classes and background,   p_det^(1−β) · p_clip^β  for novel ones
 
-then per-class NMS above a score threshold, the best ``detections_per_img`` kept.
+then per-class NMS above a score threshold, the best ``detections_per_img`` kept. OV-LVIS adds a class-agnostic
+mask head (RoIAlign 14×14, 4 convs, a 2× deconvolution to one 28×28 mask per box).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.ops import batched_nms, roi_align
 from torchvision.ops import boxes as box_ops
 
@@ -77,14 +78,33 @@ class OVRoIHeads(RoIHeads):
 
     def forward(self, features, proposals, image_shapes, targets=None, dense=None):
         if self.training:
-            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+            proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
         class_logits, box_regression = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals,
                                                                                           image_shapes)))
         if self.training:
             loss_cls, loss_box = ov_fastrcnn_loss(class_logits, box_regression, torch.cat(labels),
                                                   torch.cat(regression_targets), self.class_weight)
-            return [], {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
-        return self.detections(class_logits, box_regression, proposals, image_shapes, dense), {}
+            losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+            if self.has_mask():
+                losses["loss_mask"] = self.mask_loss(features, proposals, image_shapes, targets, matched, labels)
+            return [], losses
+        results = self.detections(class_logits, box_regression, proposals, image_shapes, dense)
+        if self.has_mask():
+            boxes = [r["boxes"] for r in results]
+            logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+            for r, probs in zip(results, logits.sigmoid().split([len(b) for b in boxes]), strict=True):
+                r["masks"] = probs  # (N, 1, 28, 28), one class-agnostic mask per box
+        return results, {}
+
+    def mask_loss(self, features, proposals, image_shapes, targets, matched, labels) -> torch.Tensor:
+        """Class-agnostic: the one mask channel of each positive RoI against its ground truth's mask (binary
+        cross-entropy on the 28×28 grid, torchvision's ``maskrcnn_loss`` with every label mapped to channel 0)."""
+        positive = [torch.where(lab > 0)[0] for lab in labels]
+        boxes = [p[i] for p, i in zip(proposals, positive, strict=True)]
+        logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+        channel = [torch.zeros_like(t["labels"]) for t in targets]
+        return maskrcnn_loss(logits, boxes, [t["masks"] for t in targets], channel,
+                             [m[i] for m, i in zip(matched, positive, strict=True)])
 
     def clip_logits(self, dense: torch.Tensor, proposals: list[torch.Tensor]) -> torch.Tensor:
         pooled = roi_align(dense, as_rois(proposals).to(dense.dtype), (1, 1), spatial_scale=1 / self.clip_stride,

@@ -7,6 +7,7 @@
 - RoI head: ``StridedRoIAlign`` 7×7 on P2–P5, 4 convs (BN) + 2 fc to the CLIP width, ``OVBoxPredictor``
   and ``OVRoIHeads`` (512 samples ``roi_samples``, ¼ positive, IoU 0.5; test: score 0.01, NMS 0.4, 100 per
   image); the synthetic CPU config narrows channels, samples and proposals;
+- OV-LVIS (``masks``): a class-agnostic mask head, RoIAlign 14×14, 4 convs (no norm), deconvolution to 28×28;
 - transform: normalise and batch only; the data set resizes (LSJ crops are not rescaled again).
 
 The RPN's and the RoI head's positive/negative samples of an image are drawn from a generator seeded by the
@@ -22,6 +23,7 @@ from torch import nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -29,6 +31,8 @@ from fineclip.detect.heads import OVBoxPredictor, OVRoIHeads
 from fineclip.detect.poolers import StridedRoIAlign
 from fineclip.detect.pyramid import FrozenViTPyramid
 from fineclip.models import FineCLIPModel
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # mmdet's 123.675 … / 58.395 … ÷ 255
 
 
 class StridedAnchorGenerator(AnchorGenerator):
@@ -117,8 +121,14 @@ def build_detector(clip_model: FineCLIPModel, class_embeddings: torch.Tensor, cl
         detections_per_img=cfg.detections_per_img, class_weight=class_weight, novel=novel, alpha=cfg.alpha,
         beta=cfg.beta, clip_temperature=cfg.clip_temperature, clip_stride=backbone.patch)
     size = int(clip_model.image_size[0])
+    if cfg.get("masks"):
+        roi_heads.mask_roi_pool = StridedRoIAlign(["0", "1", "2", "3"], strides[:4], 14, 0)
+        roi_heads.mask_head = MaskRCNNHeads(channels, [channels] * 4, 1)
+        roi_heads.mask_predictor = MaskRCNNPredictor(channels, channels, 1)
     rpn.fg_bg_sampler = SeededSampler(256, 0.5)
     roi_heads.fg_bg_sampler = SeededSampler(cfg.roi_samples, 0.25)
-    transform = NoResizeTransform(size, size, clip_model.pixel_mean.flatten().tolist(),
-                                  clip_model.pixel_std.flatten().tolist(), size_divisible=1)
+    mean, std = clip_model.pixel_mean.flatten().tolist(), clip_model.pixel_std.flatten().tolist()
+    if cfg.get("pixel_norm", "clip") == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    transform = NoResizeTransform(size, size, mean, std, size_divisible=1)
     return OVFasterRCNN(backbone, rpn, roi_heads, transform)

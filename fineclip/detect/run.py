@@ -19,11 +19,14 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pycocotools import mask as mask_utils
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from tqdm import tqdm
 
 from fineclip.detect.data import OVDetectionSet, OVSplit, collate, read_split
+from fineclip.detect.lvis_eval import lvis_evaluate
 from fineclip.detect.metrics import ap50_per_class, split_ap50
 from fineclip.detect.model import OVFasterRCNN, build_detector
 from fineclip.detect.sync_bn import sync_batchnorm
@@ -73,7 +76,8 @@ def class_text_embeddings(model: FineCLIPModel, names: tuple[str, ...], template
 
 
 def build(cfg: DictConfig, device: torch.device) -> tuple[OVFasterRCNN, OVSplit]:
-    split = read_split(cfg.data.val_ann, tuple(cfg.data.base), tuple(cfg.data.novel))
+    names = [None if cfg.data[k] is None else tuple(cfg.data[k]) for k in ("base", "novel")]
+    split = read_split(cfg.data.val_ann, *names)
     model = load_backbone(cfg).to(device)
     embeddings = class_text_embeddings(model, split.names, cfg.detector.get("templates"))
     detector = build_detector(model, embeddings, split.class_weight(cfg.detector.background_weight),
@@ -111,7 +115,8 @@ def train(cfg: DictConfig, run_dir: Path, dist_info: DistInfo, device: torch.dev
     if per_rank * dist_info.world_size != cfg.data.batch_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split over {dist_info.world_size} ranks")
     train_set = OVDetectionSet(cfg.data.train_ann, cfg.data.train_image_root, split, cfg.data.image_size, train=True,
-                               seed=cfg.seed, scale_range=tuple(cfg.data.scale_range))
+                               seed=cfg.seed, scale_range=tuple(cfg.data.scale_range),
+                               masks=bool(cfg.detector.get("masks")))
     steps = len(epoch_order(len(train_set), cfg.seed, 0, dist_info, per_rank)) // per_rank
     if cfg.optim.warmup_iters >= steps * cfg.epochs:
         raise ConfigError(f"optim.warmup_iters={cfg.optim.warmup_iters} is not shorter than the run "
@@ -150,7 +155,7 @@ def train(cfg: DictConfig, run_dir: Path, dist_info: DistInfo, device: torch.dev
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = [im.to(device).float() / 255 for im in images]
-            targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device), "seed": t["seed"]}
+            targets = [{"seed": t["seed"], **{k: t[k].to(device) for k in ("boxes", "labels", "masks") if k in t}}
                        for t in targets]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 losses = model(images, targets)
@@ -180,7 +185,9 @@ def train(cfg: DictConfig, run_dir: Path, dist_info: DistInfo, device: torch.dev
 
 @torch.no_grad()
 def evaluate(cfg: DictConfig, detector: OVFasterRCNN, split: OVSplit, device: torch.device) -> dict:
-    """AP50 per class on the val file, averaged over novel / base / all classes."""
+    """OV-COCO (and the synthetic split): box AP50 per class, averaged over novel / base / all classes.
+    OV-LVIS (a mask head): the federated LVIS mask AP and APr / APc / APf, and the same for boxes."""
+    masks = detector.roi_heads.has_mask()
     val_set = OVDetectionSet(cfg.data.val_ann, cfg.data.image_root, split, cfg.data.image_size, train=False)
     loader = DataLoader(val_set, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                         collate_fn=collate)
@@ -190,15 +197,34 @@ def evaluate(cfg: DictConfig, detector: OVFasterRCNN, split: OVSplit, device: to
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = detector([im.to(device).float() / 255 for im in images])
         for out, target in zip(outputs, targets, strict=True):
-            boxes = out["boxes"].float().cpu() / target["scale"]
-            for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True):
-                results.append({"image_id": target["image_id"], "category_id": split.category_ids[label - 1],
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
-    per_class = ap50_per_class(json.loads(Path(cfg.data.val_ann).read_text()), results, list(split.category_ids))
-    metrics = {"detect/protocol": cfg.protocol, "detect/images": float(len(val_set)), **split_ap50(per_class, split)}
+            results += detection_records(out, target, split, val_set.coco.imgs[target["image_id"]] if masks else None)
+    gt = json.loads(Path(cfg.data.val_ann).read_text())
+    metrics = {"detect/protocol": cfg.protocol, "detect/images": float(len(val_set))}
+    if masks:
+        for kind, name in (("segm", "mask"), ("bbox", "box")):
+            metrics.update({f"detect/{name}_{k.lower()}": v for k, v in lvis_evaluate(gt, results, kind).items()})
+        return metrics
+    per_class = ap50_per_class(gt, results, list(split.category_ids))
+    metrics.update(split_ap50(per_class, split))
     named = zip(split.names, split.category_ids, strict=True)
     metrics.update({f"detect/ap50/{n}": per_class.get(c, float("nan")) for n, c in named})
     return metrics
+
+
+def detection_records(out: dict, target: dict, split: OVSplit, image: dict | None = None) -> list[dict]:
+    """One image's detections in COCO's result format, in the file's pixels; with ``image`` (its record:
+    height, width) also each box's mask pasted into the image and thresholded at 0.5, as RLE."""
+    boxes = out["boxes"].float().cpu() / target["scale"]
+    records = [{"image_id": target["image_id"], "category_id": split.category_ids[label - 1],
+                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score}
+               for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist(),
+                                            strict=True)]
+    if image is not None and records:
+        pasted = paste_masks_in_image(out["masks"].float().cpu(), boxes, (image["height"], image["width"]), padding=1)
+        binary = np.asfortranarray((pasted[:, 0] >= 0.5).numpy().astype(np.uint8).transpose(1, 2, 0))
+        for record, rle in zip(records, mask_utils.encode(binary), strict=True):
+            record["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+    return records
 
 
 def load_detector(cfg: DictConfig, path: str, device: torch.device) -> tuple[OVFasterRCNN, OVSplit]:
