@@ -139,3 +139,15 @@ def test_a_split_naming_missing_classes_or_an_lvis_split_without_frequencies_is_
         read_split(ann, ("cat",), ("kite",))
     with pytest.raises(AnnotationError, match="no 'frequency' field"):
         read_split(ann, None, None)
+
+
+def test_a_backbone_checkpoint_of_another_tower_is_refused_with_both_names(tmp_path):
+    from fineclip.detect.run import load_backbone
+    from fineclip.engine.checkpoint import save_checkpoint
+    from fineclip.errors import ConfigError
+
+    path = save_checkpoint({"config": {"model": {"name": "EVA02-L-14-336", "image_size": 336}}, "model": {}},
+                           tmp_path / "last.pt")  # a training checkpoint of an L/14 run
+    cfg = _compose("ov_coco_b16", f"data.root={tmp_path}", f"backbone.checkpoint={path}")
+    with pytest.raises(ConfigError, match=r"holds a EVA02-L-14-336 tower, the detector is configured for fineclip-ti"):
+        load_backbone(cfg)
