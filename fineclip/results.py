@@ -5,8 +5,9 @@
 Each argument is a run directory (holds ``config.yaml``) or a multirun directory (its
 sub-folders are runs, taken in job order). A row: the run's label (the overrides that set it
 apart from the other jobs of its sweep, or its ``name``), its loss terms, teacher and regions, box top-1/top-5,
-I2T/T2I R@1, the detection AP50 novel/base/all, the mean time per epoch and the peak memory (GPU: allocated;
-CPU: process RSS). A run without ``eval.json`` (failed or unfinished) keeps its row, with empty metrics.
+I2T/T2I R@1, the detection AP50 novel/base/all (OV-LVIS: mask APr), the mean time per epoch and the peak
+memory (GPU: allocated; CPU: process RSS). A run without ``eval.json`` (failed or unfinished) keeps its row,
+with empty metrics.
 
 A ``python -m fineclip.detect`` run is a row of its own (its ``detect.json``), unless its backbone checkpoint
 lies inside a training run of the same table: then its AP50 columns join that run's row.
@@ -38,6 +39,7 @@ COLUMNS = (  # (key, header, format)
     ("detect/novel_ap50", "AP50 novel", "{:.1f}"),
     ("detect/base_ap50", "AP50 base", "{:.1f}"),
     ("detect/all_ap50", "AP50 all", "{:.1f}"),
+    ("detect/mask_apr", "mask APr", "{:.1f}"),
     ("epoch_time_s", "time/epoch (s)", "{:.0f}"),
     ("peak_memory_gb", "peak mem (GB)", "{:.2f}"),
 )
@@ -163,7 +165,8 @@ def markdown_table(rows: list[RunResult]) -> str:
         cells += [protocols(r) or "—"] if with_protocols else []
         lead = [str(i), r.label, r.loss_weights, *([r.roles or "—"] if with_roles else [])]
         lines.append("| " + " | ".join([*lead, *cells]) + " |")
-    missing = [r for r in rows if not {"box/top1", "retrieval/i2t_r1", "detect/all_ap50"} & set(r.values)]
+    headline = {"box/top1", "retrieval/i2t_r1", "detect/all_ap50", "detect/mask_apr"}
+    missing = [r for r in rows if not headline & set(r.values)]
     if missing:
         lines.append("")
         lines.append(f"{len(missing)} run(s) without eval.json (failed or unfinished): "

@@ -87,4 +87,9 @@ def test_a_detection_run_joins_the_row_of_its_backbones_training_run(tmp_path, c
     assert "| AP50 novel | AP50 base | AP50 all |" in table
     assert "| 1 | table | gc + sd + rc | 40.0 | 12.3 | 30.0 | 25.0 | 5 | 1.00 | box_cs, ov_synthetic |" in table
     assert "| 2 | detect_synthetic |  | — | 1.0 | 8.0 | 6.0 | — | — | ov_synthetic |" in table
-    assert "without eval.json" not in table
+    assert "without eval.json" not in table and "mask APr" not in table  # no OV-LVIS run: no column
+    lvis = tmp_path / "detect_lvis"
+    _fake_detect_run(lvis, None, (1.0, 2.0, 3.0))
+    (lvis / "detect.json").write_text(json.dumps({"detect/protocol": "ov_lvis", "detect/mask_apr": 4.56}))
+    main([str(lvis)])
+    assert "| 1 | detect_synthetic |  | 4.6 | ov_lvis |" in capsys.readouterr().out
