@@ -151,3 +151,23 @@ def test_a_backbone_checkpoint_of_another_tower_is_refused_with_both_names(tmp_p
     cfg = _compose("ov_coco_b16", f"data.root={tmp_path}", f"backbone.checkpoint={path}")
     with pytest.raises(ConfigError, match=r"holds a EVA02-L-14-336 tower, the detector is configured for fineclip-ti"):
         load_backbone(cfg)
+
+
+def test_ov_lvis_config_runs_under_torchrun_with_two_processes(tmp_path):
+    """The entry point under torchrun (gloo, synchronised BatchNorm, masks): exit 0, one run folder, the metrics."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "coco"
+    _lvis_fixture(root, np.random.default_rng(2))
+    overrides = ["+detect=ov_lvis_b16", *TINY, f"data.root={root}",  # 3 steps of 2 x 2 images
+                 f"backbone.checkpoint={_backbone(tmp_path)}", f"hydra.run.dir={tmp_path / 'run'}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fineclip.detect",
+               *overrides]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "detect.json").read_text())
+    assert metrics["detect/protocol"] == "ov_lvis" and 0 <= metrics["detect/mask_apr"] <= 100
+    assert "mask AP" in done.stdout and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
