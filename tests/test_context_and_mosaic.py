@@ -1,0 +1,105 @@
+"""Parts of the 2025 methods, against written-out computations: DeCLIP's context distillation (affinity rows
+in float64 loops, a bilinear resize written out, gradients by finite differences) and CLIM's mosaics (the
+tiling against a pixel loop, the cells against the images they hold, the grouping arithmetic)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fineclip.losses.context import ContextDistillation, context_row_distances
+from fineclip.methods.mosaic import cell_boxes, mosaic_groups, tile
+
+
+def _bilinear(grid, out_h, out_w):
+    """align_corners=False bilinear resize of a (C, h, w) list-of-lists grid, one output pixel at a time."""
+    channels, in_h, in_w = len(grid), len(grid[0]), len(grid[0][0])
+
+    def source(o, n_in, n_out):
+        s = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
+        lo = min(int(math.floor(s)), n_in - 1)
+        return lo, min(lo + 1, n_in - 1), s - lo
+
+    out = [[[0.0] * out_w for _ in range(out_h)] for _ in range(channels)]
+    for y in range(out_h):
+        y0, y1, fy = source(y, in_h, out_h)
+        for x in range(out_w):
+            x0, x1, fx = source(x, in_w, out_w)
+            for c in range(channels):
+                g = grid[c]
+                out[c][y][x] = ((1 - fy) * ((1 - fx) * g[y0][x0] + fx * g[y0][x1])
+                                + fy * ((1 - fx) * g[y1][x0] + fx * g[y1][x1]))
+    return out
+
+
+def _rows_reference(student, teacher):
+    """‖S_T[i] − S_S[i]‖ for every image and position, with Python loops in float64."""
+    out = []
+    for b in range(student.shape[0]):
+        side = int(round(student.shape[1] ** 0.5))
+        grid = [[[float(student[b, r * side + c, ch]) for c in range(side)] for r in range(side)]
+                for ch in range(student.shape[2])]
+        height, width = teacher.shape[-2:]
+        if (side, side) != (height, width):
+            grid = _bilinear(grid, height, width)
+        s_vectors = [[grid[ch][p // width][p % width] for ch in range(len(grid))] for p in range(height * width)]
+        t_vectors = [[float(teacher[b, ch, p // width, p % width]) for ch in range(teacher.shape[1])]
+                     for p in range(height * width)]
+
+        def cos(u, v):
+            return sum(a * c for a, c in zip(u, v, strict=True)) / math.sqrt(sum(a * a for a in u) *
+                                                                             sum(c * c for c in v))
+
+        for i in range(height * width):
+            out.append(math.sqrt(sum((cos(t_vectors[i], t_vectors[j]) - cos(s_vectors[i], s_vectors[j])) ** 2
+                                     for j in range(height * width))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("student_side", [3, 2])  # the teacher's grid, and a smaller one resized to it
+def test_context_rows_equal_a_float64_loop(student_side):
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, student_side ** 2, 5, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(2, 4, 3, 3, generator=generator, dtype=torch.float64)
+    rows = context_row_distances(student, teacher)
+    torch.testing.assert_close(rows, _rows_reference(student, teacher), rtol=1e-10, atol=1e-12)
+    loss = ContextDistillation()({"context": student, "vfm_context": teacher})  # one process: the mean row
+    torch.testing.assert_close(loss, rows.mean())
+
+
+def test_context_gradients_match_finite_differences_and_skip_the_teacher():
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 2, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: context_row_distances(s, teacher.detach()).sum(), (student,))
+    ContextDistillation()({"context": student, "vfm_context": teacher}).backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None  # the VFM is a frozen target
+
+
+def test_context_refuses_tokens_that_are_not_a_square_grid():
+    with pytest.raises(ValueError, match="not a square grid"):
+        context_row_distances(torch.randn(1, 6, 3), torch.randn(1, 2, 2, 3))
+
+
+def test_tiling_puts_image_k_at_row_k_div_side_column_k_mod_side():
+    images = torch.arange(9 * 2 * 3 * 4, dtype=torch.float32).reshape(9, 2, 3, 4)
+    mosaic = tile(images, 3)
+    expected = torch.empty(2, 9, 12)
+    for k in range(9):
+        for c in range(2):
+            for y in range(3):
+                for x in range(4):
+                    expected[c, (k // 3) * 3 + y, (k % 3) * 4 + x] = images[k, c, y, x]
+    assert torch.equal(mosaic, expected)
+    for k, (x1, y1, x2, y2) in enumerate(cell_boxes(3, 9, 12).round().int().tolist()):  # each cell holds image k
+        assert torch.equal(mosaic[:, y1:y2, x1:x2], images[k])
+
+
+def test_groups_follow_the_batch_order_with_the_remainder_single():
+    assert mosaic_groups(32) == ([2, 3, 4], 3)
+    assert mosaic_groups(58) == ([2, 2, 3, 3, 4, 4], 0)
+    assert mosaic_groups(13, sizes=(2, 3)) == ([2, 3], 0)
+    with pytest.raises(ValueError, match="cannot fill one mosaic of each size"):
+        mosaic_groups(28)
