@@ -103,3 +103,78 @@ def test_groups_follow_the_batch_order_with_the_remainder_single():
     assert mosaic_groups(13, sizes=(2, 3)) == ([2, 3], 0)
     with pytest.raises(ValueError, match="cannot fill one mosaic of each size"):
         mosaic_groups(28)
+
+
+def test_the_mosaic_source_turns_a_batch_into_mosaics_cells_and_singles():
+    from fineclip.methods.mosaic import MosaicRegions
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (7, 3, 8, 8), generator=generator, dtype=torch.uint8)
+    batch = {"images": images, "captions": [f"c{i}" for i in range(7)], "image_ids": torch.arange(10, 17),
+             "regions": torch.zeros(0, 5), "region_captions": []}
+    out = MosaicRegions(sizes=(2,))(batch, epoch=0)  # 7 = one 2 x 2 mosaic + 3 singles
+    assert out["images"].shape == (4, 3, 8, 8) and out["images"].dtype == torch.uint8
+    assert torch.equal(out["images"][1:], images[4:]) and out["image_ids"].tolist() == [10, 14, 15, 16]
+    assert out["captions"] == ["c0", "c4", "c5", "c6"] and out["region_captions"] == ["c0", "c1", "c2", "c3"]
+    assert out["regions"].tolist() == [[0, 0, 0, 4, 4], [0, 4, 0, 8, 4], [0, 0, 4, 4, 8], [0, 4, 4, 8, 8]]
+    # the mosaic is the 16 x 16 tiling shrunk to 8 x 8: each quarter is its image shrunk (bicubic, within rounding
+    # and the few pixels a bicubic kernel reaches across a seam)
+    shrunk = torch.nn.functional.interpolate(images[:4].float(), size=(4, 4), mode="bicubic", align_corners=False)
+    for k, (y, x) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
+        inner = out["images"][0, :, y + 1:y + 3, x + 1:x + 3].float()
+        assert (inner - shrunk[k].clamp(0, 255)[:, 1:3, 1:3]).abs().max() <= 1
+
+
+def test_clim_loss_equals_a_float64_loop_over_cells_and_singles():
+    from fineclip.losses import MosaicContrastive
+
+    generator = torch.Generator().manual_seed(2)
+
+    def unit(n):
+        return torch.nn.functional.normalize(torch.randn(n, 6, generator=generator, dtype=torch.float64), dim=-1)
+
+    features = {"region_emb": unit(8), "region_text_emb": unit(8), "image_emb": unit(5), "text_emb": unit(5),
+                "logit_scale": torch.tensor(7.0, dtype=torch.float64)}  # 2 mosaics of 2 x 2, then 3 singles
+    loss = MosaicContrastive(sizes=(2,))(features)
+    u = [*features["region_emb"], *features["image_emb"][2:]]
+    w = [*features["region_text_emb"], *features["text_emb"][2:]]
+    total = 0.0
+    for i in range(len(u)):
+        rows = [7.0 * float(u[i] @ w[j]) for j in range(len(w))]
+        cols = [7.0 * float(w[i] @ u[j]) for j in range(len(u))]
+        total += 0.5 * (math.log(sum(math.exp(r) for r in rows)) - rows[i])
+        total += 0.5 * (math.log(sum(math.exp(c) for c in cols)) - cols[i])
+    assert float(loss) == pytest.approx(total / len(u), rel=1e-12)
+
+
+def test_clim_trains_and_resumes_exactly(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from fineclip.cli import CONFIG_DIR
+    from fineclip.data.synthetic import generate
+    from fineclip.engine.trainer import train
+
+    data_root = generate(tmp_path / "data", train=16, val=0, size=64, seed=2)
+
+    def cfg(*extra):
+        overrides = [f"data.root={data_root}", "data.batch_size=4", "data.val=null", "trainer.progress=false",
+                     "trainer.tensorboard=false", "method=clim", "regions.sizes=[2]", "trainer.epochs=2",
+                     "trainer.keep_checkpoints=0", "trainer.checkpoint_every=2",
+                     "model.freeze_text=false", *extra]  # CLIM freezes it; see docs/distributed.md: a frozen
+        # tower's text cache encodes each step's new captions together, so a resumed run differs in the last bits
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+
+    train(cfg(), tmp_path / "whole")
+    interrupted = tmp_path / "interrupted"
+    train(cfg(), interrupted)
+    for path in interrupted.glob("checkpoints/*.pt"):  # as if it had died after step 4 of 8
+        if path.name == "last.pt" or int(path.stem.split("_")[1]) > 4:
+            path.unlink()
+    train(cfg("trainer.resume=auto"), interrupted)
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (tmp_path / "whole", interrupted))
+    assert a["global_step"] == b["global_step"] == 8
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    start = torch.load(sorted((tmp_path / "whole" / "checkpoints").glob("step_*.pt"))[0], weights_only=True)
+    assert any(not torch.equal(v, start["model"][k]) for k, v in a["model"].items())  # it trained

@@ -20,12 +20,15 @@ from fineclip.engine.distributed import DistInfo
 from fineclip.engine.trainer import train
 
 # every loss config, except those that need their method's teacher (they run as that method below)
-LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml") if p.stem not in ("detailclip",))
+LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml") if p.stem not in ("detailclip", "clim"))
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+# a method's overrides for batches of 4 per rank (CLIM's default mosaics need 29 images)
+METHOD_EXTRA = {"clim": ("regions.sizes=[2]",)}
 MODELS = ("tiny", "tiny_eva")  # open_clip's VisionTransformer, timm's Eva (rotary embeddings)
 # (model, loss, extra overrides): every loss and every method with both towers, and role mixes
 CASES = [(model, loss, ()) for model in MODELS for loss in LOSSES] + [
-    (model, None, (f"method={method}",)) for model in MODELS for method in METHODS if method != "fineclip"
+    (model, None, (f"method={method}", *METHOD_EXTRA.get(method, ()))) for model in MODELS for method in METHODS
+    if method != "fineclip"
 ] + [
     ("tiny", "sd", ("teacher=ema", "teacher.momentum=0.5", "regions=grid")),
     ("tiny", "fineclip", ("teacher=frozen",)),

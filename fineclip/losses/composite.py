@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fineclip.losses.concepts import ConceptDistillation, ConceptSigmoid
-from fineclip.losses.contrastive import GlobalContrastive, RegionalContrastive
+from fineclip.losses.contrastive import GlobalContrastive, MosaicContrastive, RegionalContrastive
 from fineclip.losses.distillation import SelfDistillation
 
 
@@ -105,3 +105,11 @@ class RegionCLIPLoss(CompositeLoss):
             terms={"gc": GlobalContrastive(), "concept": concept_term},
             weights={"gc": gc_weight, "concept": distill_weight},
         )
+
+
+class CLIMLoss(CompositeLoss):
+    """L = w_clim·L_CLIM: CLIM's one contrastive loss over the mosaic cells and the single images of the batch
+    (``MosaicContrastive``; the regions from ``regions=mosaic`` with the same ``sizes``)."""
+
+    def __init__(self, clim_weight: float = 1.0, sizes: tuple[int, ...] = (2, 3, 4)) -> None:
+        super().__init__(terms={"clim": MosaicContrastive(tuple(sizes))}, weights={"clim": clim_weight})

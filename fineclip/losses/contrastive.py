@@ -80,3 +80,28 @@ class RegionalContrastive(nn.Module):
         total = infonce_row_sum(p, tr, all_p, all_tr, features["logit_scale"], offset, valid)
         count = valid.sum()
         return total * world_size() / count.clamp(min=1)
+
+
+class MosaicContrastive(nn.Module):
+    """CLIM's loss: L = ½ [CE(s·u·wᵀ, diag) + CE(s·w·uᵀ, diag)], averaged over the source images of the global
+    batch, where u = [RoI(dense(mosaic), cell) for every cell ; v(single) for every single image] and
+    w = [t(the cell's source caption) ; t(the single's caption)] (L2-normalised), in the batch's image order.
+
+    The image rows are the mosaics, then the singles (``MosaicRegions``); how many mosaics follows from the
+    cell count and ``sizes`` (one round of mosaics holds Σ s² cells).
+    """
+
+    requires = frozenset({"region_emb", "region_text_emb", "image_emb", "text_emb", "logit_scale"})
+
+    def __init__(self, sizes: tuple[int, ...] = (2, 3, 4)) -> None:
+        super().__init__()
+        self.sizes = tuple(int(s) for s in sizes)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        cells = features["region_emb"].shape[0]
+        mosaics = cells // sum(s * s for s in self.sizes) * len(self.sizes)
+        u = torch.cat([features["region_emb"], features["image_emb"][mosaics:]])
+        w = torch.cat([features["region_text_emb"], features["text_emb"][mosaics:]])
+        offset = rank() * u.shape[0]
+        total = infonce_row_sum(u, w, gather_rows(u), gather_rows(w), features["logit_scale"], offset)
+        return total / u.shape[0]  # every rank holds the same number of source images
