@@ -159,9 +159,7 @@ def test_clim_trains_and_resumes_exactly(tmp_path):
     def cfg(*extra):
         overrides = [f"data.root={data_root}", "data.batch_size=4", "data.val=null", "trainer.progress=false",
                      "trainer.tensorboard=false", "method=clim", "regions.sizes=[2]", "trainer.epochs=2",
-                     "trainer.keep_checkpoints=0", "trainer.checkpoint_every=2",
-                     "model.freeze_text=false", *extra]  # CLIM freezes it; with a frozen tower a resumed
-        # run differs in the last bits (docs/distributed.md: the known exception)
+                     "trainer.keep_checkpoints=0", "trainer.checkpoint_every=2", *extra]  # text tower frozen
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name="train", overrides=overrides)
 

@@ -12,6 +12,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+CHUNK = 64  # captions per text-tower call, always: the last chunk is padded
+
+
+def fixed_chunks(texts: list[str], size: int) -> list[tuple[list[str], int]]:
+    """``texts`` in calls of exactly ``size`` (the last padded with copies of its last text): (chunk, how many of
+    it are real). A batched matmul's rounding depends on the batch's size, not on the other rows, so a caption's
+    embedding is then the same whichever captions it is encoded with — and a resumed run, whose cache starts
+    empty and groups its captions differently, embeds them bit for bit as the uninterrupted run did."""
+    out = []
+    for start in range(0, len(texts), size):
+        chunk = texts[start:start + size]
+        out.append((chunk + [chunk[-1]] * (size - len(chunk)), len(chunk)))
+    return out
+
 
 class TextEmbeddingCache:
     """Maps caption -> row of a host table of normalised embeddings.
@@ -21,8 +35,9 @@ class TextEmbeddingCache:
     finer than bf16's 8 bits). Lookups return the encoder's dtype on the encoder's device.
     """
 
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, dtype: torch.dtype | None = None, chunk: int = CHUNK) -> None:
         self.dtype = dtype
+        self.chunk = chunk
         self._rows: dict[str, int] = {}
         self._table: torch.Tensor | None = None  # (capacity, D) on the host; the first len(self) rows used
         self._out_dtype: torch.dtype | None = None
@@ -58,7 +73,8 @@ class TextEmbeddingCache:
         missing = list(dict.fromkeys(t for t in texts if t not in self._rows))
         if missing:
             with torch.no_grad():
-                fresh = encode(missing).detach()
+                chunks = fixed_chunks(missing, self.chunk)
+                fresh = torch.cat([encode(chunk)[:count].detach() for chunk, count in chunks])
             self._out_dtype = fresh.dtype
             dtype = self.dtype or (torch.float16 if fresh.is_cuda else fresh.dtype)
             self._append(missing, fresh.to("cpu", dtype))
