@@ -20,7 +20,7 @@ row() {  # row NAME OVERRIDES...
     rows+=("$dir")
 }
 extra=("$@")
-for method in clip clipself regionclip regionclip_sigmoid fineclip; do
+for method in clip clipself regionclip regionclip_sigmoid fineclip clim; do
     row "$method" method="$method"
 done
 for teacher in frozen ema; do
