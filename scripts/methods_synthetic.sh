@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The method family on the synthetic scenes, from the same synthetic pretrained tiny CLIP (the
 # README's "Methods" table): every method= of configs/method/ fine-tuned for the same 300 steps,
-# then FineCLIP's losses with CLIPSelf's frozen teacher and with DetailCLIP's EMA teacher.
+# then FineCLIP's losses with CLIPSelf's frozen teacher and with DetailCLIP's EMA teacher, then CLIM.
 #   1. pretrain once (experiment=synthetic_pretrain; skipped when already done),
 #   2. fine-tune each row (experiment=synthetic_methods), each in its own process so that its
 #      peak memory is its own (a multirun shares one process: python -m fineclip.train -m
@@ -20,11 +20,12 @@ row() {  # row NAME OVERRIDES...
     rows+=("$dir")
 }
 extra=("$@")
-for method in clip clipself regionclip regionclip_sigmoid fineclip clim; do
+for method in clip clipself regionclip regionclip_sigmoid fineclip; do
     row "$method" method="$method"
 done
 for teacher in frozen ema; do
     row "fineclip+$teacher" method=fineclip teacher="$teacher"
 done
+row clim method=clim
 echo
 python -m fineclip.results "$pretrained" "${rows[@]}" --csv "$out/results.csv"
