@@ -130,8 +130,9 @@ def train(cfg: DictConfig, run_dir: Path, dist_info: DistInfo, device: torch.dev
         path, state = found
         detector.load_state_dict(state["detector"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, done = (state["epoch"] + 1, 0) if state["step"] >= steps else (state["epoch"], state["step"])
-        log.info("resumed from %s (epoch %d, step %d of %d)", path, state["epoch"], state["step"], steps)
+        step = state.get("step", steps)  # checkpoints written before mid-epoch saving hold finished epochs only
+        start_epoch, done = (state["epoch"] + 1, 0) if step >= steps else (state["epoch"], step)
+        log.info("resumed from %s (epoch %d, step %d of %d)", path, state["epoch"], step, steps)
     model = DistributedDataParallel(detector) if dist_info.enabled else detector
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard) if dist_info.is_main else None
 
