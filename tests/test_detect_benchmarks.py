@@ -153,15 +153,20 @@ def test_a_backbone_checkpoint_of_another_tower_is_refused_with_both_names(tmp_p
         load_backbone(cfg)
 
 
-def test_ov_lvis_config_runs_under_torchrun_with_two_processes(tmp_path):
-    """The entry point under torchrun (gloo, synchronised BatchNorm, masks): exit 0, one run folder, the metrics."""
+@pytest.mark.parametrize("benchmark", ["ov_coco_b16", "ov_lvis_b16"])
+def test_the_ov_configs_run_under_torchrun_with_two_processes(tmp_path, benchmark):
+    """The entry point under torchrun (gloo, synchronised BatchNorm; OV-LVIS: masks): exit 0, the metrics."""
     import os
     import subprocess
     import sys
 
     root = tmp_path / "coco"
-    _lvis_fixture(root, np.random.default_rng(2))
-    overrides = ["+detect=ov_lvis_b16", *TINY, f"data.root={root}",  # 3 steps of 2 x 2 images
+    if benchmark == "ov_lvis_b16":
+        _lvis_fixture(root, np.random.default_rng(2))
+    else:
+        names = [*_compose(benchmark).data.base, *_compose(benchmark).data.novel]
+        _coco_fixture(root, names, 12, np.random.default_rng(2))
+    overrides = [f"+detect={benchmark}", *TINY, f"data.root={root}",  # 3 steps of 2 x 2 images
                  f"backbone.checkpoint={_backbone(tmp_path)}", f"hydra.run.dir={tmp_path / 'run'}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fineclip.detect",
                *overrides]
@@ -169,5 +174,6 @@ def test_ov_lvis_config_runs_under_torchrun_with_two_processes(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "detect.json").read_text())
-    assert metrics["detect/protocol"] == "ov_lvis" and 0 <= metrics["detect/mask_apr"] <= 100
-    assert "mask AP" in done.stdout and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    key = "detect/mask_apr" if benchmark == "ov_lvis_b16" else "detect/novel_ap50"
+    assert metrics["detect/protocol"] == benchmark[:7] and 0 <= metrics[key] <= 100
+    assert "detection [" in done.stdout and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()

@@ -11,19 +11,11 @@ like one process holding all N batches.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks, its backward the sum of the ranks' gradients."""
-    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public one
-        warnings.simplefilter("ignore", FutureWarning)
-        return dist_fn.all_reduce(x)
+from fineclip.losses.gather import sum_with_grad
 
 
 class AllReduceBatchNorm2d(nn.BatchNorm2d):
@@ -33,11 +25,11 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
         dims = [0, *range(2, x.dim())]
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
-        sums = _all_reduce(torch.cat([x.sum(dims), count]))
+        sums = sum_with_grad(torch.cat([x.sum(dims), count]))
         n = sums[-1]
         mean = sums[:-1] / n
         centred = x - mean.view(shape)
-        var = _all_reduce((centred * centred).sum(dims)) / n  # two passes: no cancellation in E[x²] − μ²
+        var = sum_with_grad((centred * centred).sum(dims)) / n  # two passes: no cancellation in E[x²] − μ²
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -51,10 +51,14 @@ class GlobalContrastive(nn.Module):
     requires = frozenset({"image_emb", "text_emb", "logit_scale"})
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        v, t = features["image_emb"], features["text_emb"]
-        offset = rank() * v.shape[0]
-        total = infonce_row_sum(v, t, gather_rows(v), gather_rows(t), features["logit_scale"], offset)
-        return total / v.shape[0]  # every rank holds the same number of images
+        return paired_infonce(features["image_emb"], features["text_emb"], features["logit_scale"])
+
+
+def paired_infonce(v: torch.Tensor, t: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """½ [CE(s·v·tᵀ, diag) + CE(s·t·vᵀ, diag)] over the pairs of all ranks, averaged over the global batch; every
+    rank holds the same number of pairs."""
+    offset = rank() * v.shape[0]
+    return infonce_row_sum(v, t, gather_rows(v), gather_rows(t), logit_scale, offset) / v.shape[0]
 
 
 class RegionalContrastive(nn.Module):
@@ -102,6 +106,4 @@ class MosaicContrastive(nn.Module):
         mosaics = cells // sum(s * s for s in self.sizes) * len(self.sizes)
         u = torch.cat([features["region_emb"], features["image_emb"][mosaics:]])
         w = torch.cat([features["region_text_emb"], features["text_emb"][mosaics:]])
-        offset = rank() * u.shape[0]
-        total = infonce_row_sum(u, w, gather_rows(u), gather_rows(w), features["logit_scale"], offset)
-        return total / u.shape[0]  # every rank holds the same number of source images
+        return paired_infonce(u, w, features["logit_scale"])  # every rank holds the same number of source images

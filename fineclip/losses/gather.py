@@ -73,6 +73,17 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
         return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks, its backward the sum of the ranks' gradients (``x`` itself on one process)."""
+    if not is_distributed():
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public one
+        warnings.simplefilter("ignore", FutureWarning)
+        return dist_fn.all_reduce(x)
+
+
 def gather_ragged_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Gather a per-rank list of rows whose length differs between ranks.
 
