@@ -92,7 +92,8 @@ def benchmark_method(cfg: DictConfig, device) -> Method:
     concept pool of ``concept_pool`` made-up names."""
     method = build_method(cfg, device, checkpoint=None)
     method.model.train()
-    method.loss_fn.prepare(method.model.encode_text_pool, [f"class {i}" for i in range(cfg.concept_pool)])
+    method.loss_fn.prepare(method.model.encode_text_pool, [f"class {i}" for i in range(cfg.concept_pool)],
+                           method.teacher.text_encoder())
     return method
 
 

@@ -130,13 +130,16 @@ def _block(x, s, b, heads, cos, sin):
 
 
 def _dense_last_block(x, s, b, heads, mode):
+    """(tokens after the last block in ``mode``, DeCLIP's context: the Q/K/V projections, heads concatenated)."""
     q, k, v = _qkv(s, b, _ln(x, s, f"{b}.norm1", 1e-6), heads)
     if mode == "value":
         x = x + _attn_out(s, b, v)
-        return x + _mlp(x, s, b)
+        return x + _mlp(x, s, b), None
     qq, kk = (q @ q.transpose(-2, -1)).softmax(-1), (k @ k.transpose(-2, -1)).softmax(-1)
-    weights = {"csa": qq + kk, "qq": qq, "kk": kk}[mode]
-    return _attn_out(s, b, weights @ v)
+    vv = (v @ v.transpose(-2, -1)).softmax(-1)
+    weights = {"csa": qq + kk, "qq": qq, "kk": kk, "vv": vv}[mode]
+    merge = [t.transpose(1, 2).reshape(x.shape) for t in {"csa": (q, k), "qq": (q,), "kk": (k,), "vv": (v,)}[mode]]
+    return _attn_out(s, b, weights @ v), torch.stack(merge)
 
 
 def _pos_embed(s, grid):
@@ -149,8 +152,9 @@ def _pos_embed(s, grid):
     return torch.cat([pos[:, :1], patches.T[None]], dim=1)
 
 
-def vision(s: dict, pixels: torch.Tensor, cfg: dict = TINY, dense_mode: str = "value"):
-    """(global embedding (B, E), dense features (B, E, g, g) L2-normalised per token), float64."""
+def vision(s: dict, pixels: torch.Tensor, cfg: dict = TINY, dense_mode: str = "value", with_context: bool = False):
+    """(global embedding (B, E), dense features (B, E, g, g) L2-normalised per token), float64; with
+    ``with_context`` also the dense mode's context features of the patch tokens (P, B, g·g, width)."""
     s = {k: v.double() for k, v in s.items()}
     pixels, heads = pixels.double(), cfg["heads"]
     x = F.conv2d(pixels, s["visual.patch_embed.proj.weight"], s["visual.patch_embed.proj.bias"], stride=cfg["patch"])
@@ -163,9 +167,10 @@ def vision(s: dict, pixels: torch.Tensor, cfg: dict = TINY, dense_mode: str = "v
     last = f"visual.blocks.{cfg['depth'] - 1}"
     out = _block(x, s, last, heads, cos, sin)
     image = _lin(_ln(out, s, "visual.norm", 1e-6)[:, 0], s, "visual.head")
-    dense = _dense_last_block(x, s, last, heads, dense_mode)
+    dense, context = _dense_last_block(x, s, last, heads, dense_mode)
     tokens = F.normalize(_lin(_ln(dense[:, 1:], s, "visual.norm", 1e-6), s, "visual.head"), dim=-1)
-    return image, tokens.transpose(1, 2).reshape(len(x), -1, grid, grid)
+    dense = tokens.transpose(1, 2).reshape(len(x), -1, grid, grid)
+    return (image, dense, context[:, :, 1:]) if with_context else (image, dense)
 
 
 def roi_features(dense: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:

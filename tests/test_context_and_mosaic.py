@@ -34,26 +34,32 @@ def _bilinear(grid, out_h, out_w):
     return out
 
 
-def _rows_reference(student, teacher):
-    """‖S_T[i] − S_S[i]‖ for every image and position, with Python loops in float64."""
+def _cos(u, v):
+    return sum(a * c for a, c in zip(u, v, strict=True)) / math.sqrt(sum(a * a for a in u) * sum(c * c for c in v))
+
+
+def _student_vectors(features, b, height, width):
+    """The (B, N, C) features of image b as H·W Python vectors, resized to H × W when their grid differs."""
+    side = int(round(features.shape[1] ** 0.5))
+    grid = [[[float(features[b, r * side + c, ch]) for c in range(side)] for r in range(side)]
+            for ch in range(features.shape[2])]
+    if (side, side) != (height, width):
+        grid = _bilinear(grid, height, width)
+    return [[grid[ch][p // width][p % width] for ch in range(len(grid))] for p in range(height * width)]
+
+
+def _rows_reference(students, teacher):
+    """‖S_T[i] − S_S[i]‖ for every image and position with Python loops in float64; S_S is the mean of the
+    affinities of each of ``students`` (one (B, N, C) tensor, or Q and K in csa mode)."""
     out = []
-    for b in range(student.shape[0]):
-        side = int(round(student.shape[1] ** 0.5))
-        grid = [[[float(student[b, r * side + c, ch]) for c in range(side)] for r in range(side)]
-                for ch in range(student.shape[2])]
-        height, width = teacher.shape[-2:]
-        if (side, side) != (height, width):
-            grid = _bilinear(grid, height, width)
-        s_vectors = [[grid[ch][p // width][p % width] for ch in range(len(grid))] for p in range(height * width)]
+    height, width = teacher.shape[-2:]
+    for b in range(teacher.shape[0]):
+        s_vectors = [_student_vectors(s, b, height, width) for s in students]
         t_vectors = [[float(teacher[b, ch, p // width, p % width]) for ch in range(teacher.shape[1])]
                      for p in range(height * width)]
-
-        def cos(u, v):
-            return sum(a * c for a, c in zip(u, v, strict=True)) / math.sqrt(sum(a * a for a in u) *
-                                                                             sum(c * c for c in v))
-
         for i in range(height * width):
-            out.append(math.sqrt(sum((cos(t_vectors[i], t_vectors[j]) - cos(s_vectors[i], s_vectors[j])) ** 2
+            out.append(math.sqrt(sum((_cos(t_vectors[i], t_vectors[j])
+                                      - sum(_cos(v[i], v[j]) for v in s_vectors) / len(s_vectors)) ** 2
                                      for j in range(height * width))))
     return torch.tensor(out, dtype=torch.float64)
 
@@ -64,9 +70,18 @@ def test_context_rows_equal_a_float64_loop(student_side):
     student = torch.randn(2, student_side ** 2, 5, generator=generator, dtype=torch.float64)
     teacher = torch.randn(2, 4, 3, 3, generator=generator, dtype=torch.float64)
     rows = context_row_distances(student, teacher)
-    torch.testing.assert_close(rows, _rows_reference(student, teacher), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rows, _rows_reference([student], teacher), rtol=1e-10, atol=1e-12)
     loss = ContextDistillation()({"context": student, "vfm_context": teacher})  # one process: the mean row
     torch.testing.assert_close(loss, rows.mean())
+
+
+def test_csa_context_averages_the_q_and_k_affinities_as_a_float64_loop():
+    generator = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 2, 4, 6, generator=generator, dtype=torch.float64)  # (P=2, B, N, C): Q and K
+    teacher = torch.randn(2, 3, 3, 3, generator=generator, dtype=torch.float64)
+    rows = context_row_distances(torch.stack([q, k]), teacher)
+    torch.testing.assert_close(rows, _rows_reference([q, k], teacher), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(rows, context_row_distances(q, teacher))  # K changes S_S
 
 
 def test_context_gradients_match_finite_differences_and_skip_the_teacher():

@@ -81,11 +81,18 @@ def test_at_another_size_position_embeddings_and_rotary_tables_follow_the_refere
     _assert_computes_the_layout(create_model("fineclip-tiny-eva-clip", checkpoint=str(path), image_size=96), state, 96)
 
 
-@pytest.mark.parametrize("mode", ["csa", "qq"])
+@pytest.mark.parametrize("mode", ["csa", "qq", "kk", "vv"])
 def test_declip_dense_modes_compute_the_reference_attention(eva_file, mode):
     path, state = eva_file
     model = create_model("fineclip-tiny-eva-clip", checkpoint=str(path), dense_mode=SelfSelfAttention(mode))
     _assert_computes_the_layout(model, state, 64, dense_mode=mode)
+    pixels = _inputs(64)[0]
+    with torch.no_grad():  # the context features: the last block's projections of the patch tokens, heads concatenated
+        _, dense, context = model.dense_pass(pixels.double(), with_context=True)
+    _, ref_dense, ref_context = eva.vision(state, pixels, dense_mode=mode, with_context=True)
+    torch.testing.assert_close(dense, ref_dense, **TOL)
+    torch.testing.assert_close(context, ref_context, **TOL)
+    assert context.shape[0] == (2 if mode == "csa" else 1)
     value = create_model("fineclip-tiny-eva-clip", checkpoint=str(path)).double().eval()
     pixels = _inputs(64)[0].double()
     with torch.no_grad():  # the mode changes the dense features, not the global embedding
@@ -95,9 +102,8 @@ def test_declip_dense_modes_compute_the_reference_attention(eva_file, mode):
 def test_a_dense_mode_that_cannot_run_is_refused():
     with pytest.raises(ValueError, match="use one of csa, qq, kk, vv"):
         SelfSelfAttention("qk")
-    model = create_model("fineclip-tiny", dense_mode=SelfSelfAttention("csa"))
-    with pytest.raises(ValueError, match="runs on timm EVA blocks"):
-        model.encode_image_dense(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="gives no context features"):
+        create_model("fineclip-tiny").dense_pass(torch.zeros(1, 3, 64, 64), with_context=True)
 
 
 def test_a_model_that_is_not_eva_refuses_the_file_and_a_misfit_names_the_format(eva_file, tmp_path):

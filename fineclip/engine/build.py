@@ -26,7 +26,7 @@ from fineclip.eval.eval_set import build_eval_set
 from fineclip.eval.protocols import box_protocol, dense_image_size
 from fineclip.losses import CompositeLoss
 from fineclip.methods.regions import BoxRegions, RegionSource
-from fineclip.methods.teachers import SelfTeacher, Teacher
+from fineclip.methods.teachers import SelfTeacher, Teacher, TeacherSet
 from fineclip.models import FineCLIPModel
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ def _build_method(cfg: DictConfig, device: torch.device, **model_overrides) -> M
     model: FineCLIPModel = instantiate(cfg.model, **model_overrides).to(device)
     loss_fn: CompositeLoss = instantiate(cfg.loss).to(device)
     teacher: Teacher = instantiate(cfg.teacher) if cfg.get("teacher") else SelfTeacher()
+    if cfg.get("vfm"):  # an external teacher beside the method's own (DeCLIP's context target)
+        teacher = TeacherSet([teacher, instantiate(cfg.vfm)])
     teacher.setup(model)  # a copy of the initial model, for the teachers that keep one
     check_features_provided(loss_fn, model, teacher)
     regions: RegionSource = instantiate(cfg.regions) if cfg.get("regions") else BoxRegions()
@@ -183,7 +185,7 @@ def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
                                                   **method.regions.dataset_arguments(),
                                                   **method.teacher.dataset_arguments())
     # text pools a loss embeds once with the initial text tower (RegionCLIP's concepts)
-    loss_fn.prepare(model.encode_text_pool, list(train_set.categories.values()))
+    loss_fn.prepare(model.encode_text_pool, list(train_set.categories.values()), method.teacher.text_encoder())
     frozen = freeze_unused_parameters(model, loss_fn, precision, method.teacher)
     if frozen and dist.is_main:
         log.info("not trained by the enabled loss terms, so frozen: %s", summarize_names(frozen))

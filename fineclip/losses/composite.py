@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from fineclip.losses.concepts import ConceptDistillation, ConceptSigmoid
+from fineclip.losses.context import ContextDistillation
 from fineclip.losses.contrastive import GlobalContrastive, MosaicContrastive, RegionalContrastive
 from fineclip.losses.distillation import SelfDistillation
+from fineclip.losses.vocabulary import VocabularyDistillation
 
 
 class CompositeLoss(nn.Module):
@@ -28,11 +30,14 @@ class CompositeLoss(nn.Module):
         self.terms = nn.ModuleDict(enabled)
         self.weights = {name: float(weights[name]) for name in enabled}
 
-    def prepare(self, encode_text, class_names) -> None:
-        """Give the terms that embed a text pool once (RegionCLIP's concepts) the text encoder and
-        the training set's class names; called once before the first step."""
+    def prepare(self, encode_text, class_names, teacher_encode_text=None) -> None:
+        """Give the terms that embed a text pool once (RegionCLIP's concepts, DenseVLM's vocabulary) the text
+        encoder and the training set's class names — and the teacher's text encoder to those that use one;
+        called once before the first step."""
         for term in self.terms.values():
-            if hasattr(term, "prepare"):
+            if getattr(term, "uses_teacher_text", False):
+                term.prepare(encode_text, class_names, teacher_encode_text)
+            elif hasattr(term, "prepare"):
                 term.prepare(encode_text, class_names)
 
     @property
@@ -113,3 +118,31 @@ class CLIMLoss(CompositeLoss):
 
     def __init__(self, clim_weight: float = 1.0, sizes: tuple[int, ...] = (2, 3, 4)) -> None:
         super().__init__(terms={"clim": MosaicContrastive(tuple(sizes))}, weights={"clim": clim_weight})
+
+
+class DeCLIPLoss(CompositeLoss):
+    """L = w_content·L_content + w_context·L_context (DeCLIP; the scripts: 1.0 and 0.1).
+
+    L_content = mean_j (1 − cos(RoI(content map, b_j), t_j)): L_SD with the frozen initial model's crop embedding
+    t_j as the target (``SelfDistillation`` under teacher=frozen); the content map is the dense features of the
+    model's dense mode (SelfSelfAttention under method=declip). L_context: ``ContextDistillation`` between the
+    dense mode's context features and the external VFM teacher's patch features (vfm=...).
+    """
+
+    def __init__(self, content_weight: float = 1.0, context_weight: float = 0.1) -> None:
+        super().__init__(terms={"content": SelfDistillation(), "context": ContextDistillation()},
+                         weights={"content": content_weight, "context": context_weight})
+
+
+class DenseVLMLoss(CompositeLoss):
+    """L = w_kl·L_vocab (DenseVLM): ``VocabularyDistillation`` from a checkpoint teacher (teacher=checkpoint),
+    plus w_gc·L_GC (0 by default; composed rows may add it)."""
+
+    def __init__(self, kl_weight: float = 1.0, gc_weight: float = 0.0, vocabulary: str | None = None,
+                 templates: list[str] | None = None, scale: float = 100.0, min_confidence: float = 0.3,
+                 thing_count: int | None = None) -> None:
+        super().__init__(
+            terms={"gc": GlobalContrastive(),
+                   "vocab": VocabularyDistillation(vocabulary, templates, scale, min_confidence, thing_count)},
+            weights={"gc": gc_weight, "vocab": kl_weight},
+        )

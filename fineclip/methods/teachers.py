@@ -46,6 +46,11 @@ class Teacher:
         """Arguments of the training set's constructor this teacher needs (after ``setup``)."""
         return {}
 
+    def text_encoder(self):
+        """The teacher's own text-pool encoder (``FineCLIPModel.encode_text_pool``), for the loss terms that embed a
+        vocabulary with the teacher's tower (DenseVLM); None when the teacher has no text tower of its own."""
+        return None
+
     def probe(self):
         """A context in which ``features`` leaves the teacher's state as it was (the start-up probe of
         which parameters the loss uses runs one forward)."""
@@ -70,6 +75,13 @@ class Teacher:
 
 class SelfTeacher(Teacher):
     """The model itself: the student's forward computes the crop embeddings (today's FineCLIP)."""
+
+
+@torch.no_grad()
+def weight_ensemble(student: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], alpha: float):
+    """α·student + (1 − α)·initial for every floating-point tensor (the others: the student's)."""
+    return {k: alpha * v + (1 - alpha) * initial[k].to(v.device) if v.is_floating_point() else v.clone()
+            for k, v in student.items()}
 
 
 class FrozenTeacher(Teacher):
@@ -103,13 +115,10 @@ class FrozenTeacher(Teacher):
             crops = self.model.encode_crops(self.model.normalize_pixels(images), regions)
         return dict.fromkeys(names, crops)
 
-    @torch.no_grad()
     def final_weights(self, model: FineCLIPModel) -> dict[str, torch.Tensor] | None:
         if self.ensemble_alpha is None:
             return None
-        a, initial = self.ensemble_alpha, self.model.state_dict()
-        return {k: a * v + (1 - a) * initial[k] if v.is_floating_point() else v.clone()
-                for k, v in model.state_dict().items()}
+        return weight_ensemble(model.state_dict(), self.model.state_dict(), self.ensemble_alpha)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict()}
@@ -144,6 +153,65 @@ class EMATeacher(FrozenTeacher):
             if self.follows is not None and not name.startswith(self.follows):
                 continue
             param.lerp_(student[name].detach(), 1.0 - m)  # θ_t + (1 − m)(θ_s − θ_t) = m·θ_t + (1 − m)·θ_s
+
+
+class TeacherSet(Teacher):
+    """Several teachers in one role, each providing its own features (DeCLIP: the frozen copy embeds the crops,
+    an external VFM gives the context target). Hooks run in order; the state is saved per member."""
+
+    def __init__(self, teachers: list[Teacher]) -> None:
+        self.teachers = list(teachers)
+        for i, a in enumerate(self.teachers):
+            for b in self.teachers[i + 1:]:
+                if a.provides & b.provides:
+                    raise ValueError(f"{type(a).__name__} and {type(b).__name__} both provide "
+                                     f"{sorted(a.provides & b.provides)}")
+        self.provides = frozenset().union(*(t.provides for t in self.teachers))
+
+    def setup(self, model: FineCLIPModel) -> None:
+        for t in self.teachers:
+            t.setup(model)
+
+    def features(self, batch: dict, need: frozenset[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for t in self.teachers:
+            if need & t.provides:
+                out.update(t.features(batch, need & t.provides))
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        for t in self.teachers:
+            t.set_epoch(epoch)
+
+    def dataset_arguments(self) -> dict:
+        return {k: v for t in self.teachers for k, v in t.dataset_arguments().items()}
+
+    def probe(self):
+        stack = contextlib.ExitStack()
+        for t in self.teachers:
+            stack.enter_context(t.probe())
+        return stack
+
+    def begin_step(self) -> None:
+        for t in self.teachers:
+            t.begin_step()
+
+    def after_step(self, model: FineCLIPModel, step: int, total_steps: int) -> None:
+        for t in self.teachers:
+            t.after_step(model, step, total_steps)
+
+    def text_encoder(self):
+        return next((e for t in self.teachers if (e := t.text_encoder()) is not None), None)
+
+    def final_weights(self, model: FineCLIPModel) -> dict[str, torch.Tensor] | None:
+        return next((w for t in self.teachers if (w := t.final_weights(model)) is not None), None)
+
+    def state_dict(self) -> dict:
+        return {str(i): t.state_dict() for i, t in enumerate(self.teachers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, t in enumerate(self.teachers):
+            t.load_state_dict(state[str(i)])
 
 
 def teacher_module(teacher: Teacher) -> nn.Module | None:

@@ -9,9 +9,13 @@ the block (before the final norm and projection).
   mask), so the attention output is out_proj(V(ln_1 x)) exactly, followed by the usual MLP residual.
 
 - ``SelfSelfAttention`` (DeCLIP, ``Attention.ss_attn`` + ``Block.forward_without_rcffn``): the last block
-  becomes proj(inner_ln(A·V(norm1 x))) with A = softmax(QQᵀ) + softmax(KKᵀ) per head (``csa``, the mode of
-  DeCLIP's released weights) or softmax(QQᵀ) / softmax(KKᵀ) / softmax(VVᵀ) (``qq``/``kk``/``vv``); no 1/√d
-  scale, no rotary embedding, no residual, no MLP — as the reference computes it. timm EVA blocks only.
+  becomes ls(proj(inner_norm(A·V(norm1 x)))) with A = softmax(QQᵀ) + softmax(KKᵀ) per head (``csa``, the mode of
+  DeCLIP's released weights) or softmax(QQᵀ) / softmax(KKᵀ) / softmax(VVᵀ) (``qq``/``kk``/``vv``); no residual,
+  no MLP, no rotary embedding, and no 1/√d scale (as DeCLIP's EVA code computes it; ``scaled=True`` multiplies
+  the scores by 1/√d, as DeCLIP's OpenAI-ViT code does). Both tower kinds: timm EVA blocks (inner norm = the
+  attention sub-LN, ls = gamma_1) and open_clip ``ResidualAttentionBlock`` (no inner norm, ls = ls_1). It also
+  gives DeCLIP's *context* features: the block's Q (``qq``), K (``kk``), V (``vv``) or Q and K (``csa``)
+  projections of every token, heads concatenated (``with_context``).
 
 A new mode is a new ``DenseMode`` subclass, selected by ``model.dense_mode._target_`` in the model config.
 """
@@ -19,6 +23,7 @@ A new mode is a new ``DenseMode`` subclass, selected by ``model.dense_mode._targ
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,9 +34,15 @@ class DenseMode:
     """One way of running the last block for the dense features; ``name`` is how docs and logs call it."""
 
     name = "dense_mode"
+    gives_context = False  # True: ``with_context`` also returns the block's context features
 
     def __call__(self, block: nn.Module, x: torch.Tensor, ctx: dict, use_checkpoint: bool) -> torch.Tensor:
         raise NotImplementedError
+
+    def with_context(self, block: nn.Module, x: torch.Tensor, ctx: dict, use_checkpoint: bool):
+        """(tokens, context (P, B, T, C)): the tokens of ``__call__`` and the P projections the mode attends with."""
+        raise ValueError(f"dense mode {self.name} gives no context features: use "
+                         "model.dense_mode._target_=fineclip.models.dense_modes.SelfSelfAttention (method=declip)")
 
 
 def identity_attention_mask(num_tokens: int, device, dtype) -> torch.Tensor:
@@ -51,36 +62,65 @@ class ValuePath(DenseMode):
         return run_block(block, x, use_checkpoint, attn_mask=mask, **ctx)
 
 
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, C) -> (B, heads, T, C / heads)."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
 class SelfSelfAttention(DenseMode):
     """DeCLIP's last-block attention surgery (see the module docstring); ``mode``: csa, qq, kk or vv."""
 
     MODES = ("csa", "qq", "kk", "vv")
+    gives_context = True
 
-    def __init__(self, mode: str = "csa"):
+    def __init__(self, mode: str = "csa", scaled: bool = False):
         if mode not in self.MODES:
             raise ValueError(f"dense_mode.mode={mode!r}: use one of {', '.join(self.MODES)}")
-        self.mode = self.name = mode
+        self.mode, self.scaled = mode, scaled
+        self.name = f"{mode}_scaled" if scaled else mode
 
     def __call__(self, block, x, ctx, use_checkpoint):
-        from timm.models.eva import EvaBlock
+        return self.with_context(block, x, ctx, use_checkpoint)[0]
 
-        if not isinstance(block, EvaBlock):
-            raise ValueError(f"dense mode {self.mode} runs on timm EVA blocks (EVA02 models), "
-                             f"not {type(block).__name__}")
+    def with_context(self, block, x, ctx, use_checkpoint):
         if use_checkpoint and torch.is_grad_enabled():
             return checkpoint(self.attend, block, x, use_reentrant=False)
         return self.attend(block, x)
 
-    def attend(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        attn, (b, n, c) = block.attn, x.shape
-        h = block.norm1(x)
-        if attn.qkv is not None:
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else None
-            q, k, v = torch.nn.functional.linear(h, attn.qkv.weight, bias).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        q, k, v = (t.reshape(b, n, attn.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        scores = {"qq": (q,), "kk": (k,), "vv": (v,), "csa": (q, k)}[self.mode]
-        weights = sum((t @ t.transpose(-2, -1)).softmax(dim=-1) for t in scores)
-        out = attn.proj(attn.norm((weights @ v).transpose(1, 2).reshape(b, n, c)))
-        return out if block.gamma_1 is None else block.gamma_1 * out
+    def attend(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens after the rewritten block (B, T, C), context (P, B, T, C))."""
+        q, k, v, heads, finish = self.projections(block, x)
+        context = {"qq": (q,), "kk": (k,), "vv": (v,), "csa": (q, k)}[self.mode]
+        scale = (x.shape[-1] // heads) ** -0.5 if self.scaled else 1.0
+        weights = sum((scale * split_heads(t, heads) @ split_heads(t, heads).transpose(-2, -1)).softmax(dim=-1)
+                      for t in context)
+        out = (weights @ split_heads(v, heads)).transpose(1, 2).reshape(x.shape)
+        return finish(out), torch.stack(context)
+
+    @staticmethod
+    def projections(block: nn.Module, x: torch.Tensor):
+        """(Q, K, V of the block's normed input, each (B, T, C); heads; the block's attention output path)."""
+        from open_clip.transformer import ResidualAttentionBlock
+        from timm.models.eva import EvaBlock
+
+        if isinstance(block, EvaBlock):
+            attn, h = block.attn, block.norm1(x)
+            if attn.qkv is not None:
+                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else None
+                q, k, v = F.linear(h, attn.qkv.weight, bias).chunk(3, dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+
+            def finish(out):
+                out = attn.proj(attn.norm(out))
+                return out if block.gamma_1 is None else block.gamma_1 * out
+
+            return q, k, v, attn.num_heads, finish
+        if isinstance(block, ResidualAttentionBlock) and isinstance(block.attn, nn.MultiheadAttention):
+            attn = block.attn
+            q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            return q, k, v, attn.num_heads, lambda out: block.ls_1(attn.out_proj(out))
+        raise ValueError(f"dense mode SelfSelfAttention runs on timm EVA blocks and open_clip ResidualAttentionBlocks, "
+                         f"not {type(block).__name__}")

@@ -89,14 +89,28 @@ class FineCLIPModel(nn.Module):
         the model's dense mode (``dense_modes.py``; the value path, out_proj(V(ln_1 x)), by default)
         gives the dense tokens. With ``with_global=False`` the normal last block is not run and v is None.
         """
+        image_emb, dense, _ = self.dense_pass(pixels, with_global)
+        return image_emb, dense
+
+    def dense_pass(
+        self, pixels: torch.Tensor, with_global: bool = True, with_context: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``encode_image_dense`` and, with ``with_context``, the dense mode's context features of the patch
+        tokens (P, B, h·w, width) (DeCLIP: the last block's Q and/or K projections, heads concatenated)."""
         x, ctx = self.tower.trunk(pixels)
-        image_emb = None
+        image_emb = context = None
         if with_global:
             image_emb = F.normalize(self.tower.global_head(self.tower.last_block(x, ctx)), dim=-1)
-        tokens = F.normalize(self.tower.dense_head(self.tower.last_block(x, ctx, self.dense_mode)), dim=-1)
+        if with_context:
+            block, use_checkpoint = self.tower.blocks()[-1], self.tower.grad_checkpointing()
+            tokens, context = self.dense_mode.with_context(block, x, ctx, use_checkpoint)
+            context = context[:, :, self.tower.prefix_tokens:]
+        else:
+            tokens = self.tower.last_block(x, ctx, self.dense_mode)
+        tokens = F.normalize(self.tower.dense_head(tokens), dim=-1)
         h, w = pixels.shape[-2] // self.tower.patch_size[0], pixels.shape[-1] // self.tower.patch_size[1]
         dense = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
-        return image_emb, dense
+        return image_emb, dense, context
 
     def pool_regions(self, dense: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         return pool_regions(dense, regions, self.image_size)
@@ -182,7 +196,8 @@ class FineCLIPModel(nn.Module):
     @property
     def provides(self) -> frozenset[str]:
         """Every feature name ``forward`` can compute."""
-        return frozenset(FEATURES).union({NO_GRAD_CROPS}, *(p.provides for p in self.extra_passes))
+        context = {"context"} if self.dense_mode.gives_context else set()
+        return frozenset(FEATURES).union({NO_GRAD_CROPS}, context, *(p.provides for p in self.extra_passes))
 
     def forward(
         self,
@@ -206,9 +221,11 @@ class FineCLIPModel(nn.Module):
         if "logit_scale" in need:
             out["logit_scale"] = self.logit_scale
         with section("trunk pass"):
-            if {"region_emb", "dense"} & need:
-                image_emb, dense = self.encode_image_dense(pixels, with_global="image_emb" in need)
+            if {"region_emb", "dense", "context"} & need:
+                image_emb, dense, context = self.dense_pass(pixels, "image_emb" in need, "context" in need)
                 out["region_emb"] = self.pool_regions(dense, regions)
+                if context is not None:
+                    out["context"] = context
                 if image_emb is not None:
                     out["image_emb"] = image_emb
                 if "dense" in need:
