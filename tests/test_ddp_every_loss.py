@@ -16,14 +16,18 @@ from hydra.utils import instantiate
 
 from fineclip.cli import CONFIG_DIR
 from fineclip.data.synthetic import generate
+from fineclip.engine.checkpoint import save_checkpoint
 from fineclip.engine.distributed import DistInfo
 from fineclip.engine.trainer import train
+from fineclip.models import create_model
 
 # every loss config, except those that need their method's teacher (they run as that method below)
-LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml") if p.stem not in ("detailclip", "clim"))
+LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml")
+                if p.stem not in ("detailclip", "clim", "declip", "densevlm"))
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
-# a method's overrides for batches of 4 per rank (CLIM's default mosaics need 29 images)
-METHOD_EXTRA = {"clim": ("regions.sizes=[2]",)}
+# a method's overrides for batches of 4 per rank (CLIM's default mosaics need 29 images) and without downloads
+# (DeCLIP's context teacher: a tiny random ViT; DenseVLM's teacher: another checkpoint of the student's tower)
+METHOD_EXTRA = {"clim": ("regions.sizes=[2]",), "declip": ("vfm=tiny",), "densevlm": ("teacher.checkpoint=TEACHER",)}
 MODELS = ("tiny", "tiny_eva")  # open_clip's VisionTransformer, timm's Eva (rotary embeddings)
 # (model, loss, extra overrides): every loss and every method with both towers, and role mixes
 CASES = [(model, loss, ()) for model in MODELS for loss in LOSSES] + [
@@ -40,6 +44,12 @@ CASES = [(model, loss, ()) for model in MODELS for loss in LOSSES] + [
     # the reference's settings (+experiment=detailclip_*), views cut by the data loader from the full image
     ("tiny_eva_clip", "fineclip", ("model.dense_mode._target_=fineclip.models.dense_modes.SelfSelfAttention",
                                    "+model.dense_mode.mode=csa")),  # DeCLIP's dense mode (model=eva02_b16_csa)
+    # composed rows that no fork runs: FineCLIP's losses with DeCLIP's csa block on an OpenAI-style ViT, DeCLIP on
+    # the data set's boxes with the scaled attention, DenseVLM with L_GC beside it and its teacher's 203 things
+    ("tiny", "fineclip", ("model.dense_mode._target_=fineclip.models.dense_modes.SelfSelfAttention",
+                          "+model.dense_mode.mode=csa")),
+    ("tiny", None, ("method=declip", "vfm=tiny", "regions=boxes", "model.dense_mode.scaled=true")),
+    ("tiny", None, ("method=densevlm", "teacher.checkpoint=TEACHER", "loss.gc_weight=1.0", "loss.thing_count=203")),
 ]
 PER_RANK = 4
 
@@ -49,7 +59,8 @@ def _name(model, loss, extra):
 
 
 def _config(data_root, loss, model, batch_size, extra=()):
-    extra = [e.replace("PROPOSALS", os.path.join(data_root, "proposals.json")) for e in extra]
+    extra = [e.replace("PROPOSALS", os.path.join(data_root, "proposals.json"))
+             .replace("=TEACHER", "=" + os.path.join(data_root, f"teacher_{model}.pt")) for e in extra]
     overrides = [
         *extra, *([f"loss={loss}"] if loss else []), f"model={model}", f"data.root={data_root}",
         f"data.batch_size={batch_size}",
@@ -84,6 +95,10 @@ def runs(tmp_path_factory):
                   "score": 0.9} for a in annotations]
     proposals += [{"image_id": i, "bbox": [16, 16, 32, 32], "score": 0.5} for i in range(1, 17)]
     (data_root / "proposals.json").write_text(json.dumps(proposals))
+    for model in MODELS:  # DenseVLM's teacher: another model of the same tower, as a training checkpoint
+        torch.manual_seed(7)
+        save_checkpoint({"model": create_model(f"fineclip-{model.replace('_', '-')}").state_dict(), "config": {}},
+                        data_root / f"teacher_{model}.pt")
     mp.spawn(_worker, args=(str(tmp / "init"), str(data_root), str(tmp / "ddp")), nprocs=2, join=True)
     return tmp, data_root
 
