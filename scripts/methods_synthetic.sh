@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The method family on the synthetic scenes, from the same synthetic pretrained tiny CLIP (the
 # README's "Methods" table): every method= of configs/method/ fine-tuned for the same 300 steps,
-# then FineCLIP's losses with CLIPSelf's frozen teacher and with DetailCLIP's EMA teacher, then CLIM.
+# then FineCLIP's losses with CLIPSelf's frozen teacher and with DetailCLIP's EMA teacher, then CLIM, DeCLIP in
+# each attention mode (its context teacher a tiny random ViT: real runs need DINOv2 weights), DenseVLM taught
+# by the CLIPSelf row's released weights, and two composed rows no public code runs.
 #   1. pretrain once (experiment=synthetic_pretrain; skipped when already done),
 #   2. fine-tune each row (experiment=synthetic_methods), each in its own process so that its
 #      peak memory is its own (a multirun shares one process: python -m fineclip.train -m
@@ -27,5 +29,12 @@ for teacher in frozen ema; do
     row "fineclip+$teacher" method=fineclip teacher="$teacher"
 done
 row clim method=clim
+for mode in qq kk vv csa; do
+    row "declip_$mode" method=declip vfm=tiny model.dense_mode.mode="$mode"
+done
+row densevlm method=densevlm teacher.checkpoint="${rows[1]}/checkpoints/ensembled.pt"  # rows[1]: clipself
+row "fineclip+csa" method=fineclip model.dense_mode._target_=fineclip.models.dense_modes.SelfSelfAttention \
+    +model.dense_mode.mode=csa
+row "declip+boxes" method=declip vfm=tiny regions=boxes
 echo
 python -m fineclip.results "$pretrained" "${rows[@]}" --csv "$out/results.csv"

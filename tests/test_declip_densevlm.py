@@ -278,3 +278,28 @@ def test_the_checkpoint_teacher_pools_its_own_dense_features_and_keeps_the_initi
     assert set(teacher.state_dict()) == {"initial"}  # the teacher's own weights are read from its file, not saved
     with pytest.raises(ConfigError, match="teacher.checkpoint is not set"):
         CheckpointTeacher(model_cfg, None)
+
+
+def test_a_frozen_teacher_at_its_own_crop_size_releases_the_ensemble_at_the_students_size():
+    torch.manual_seed(3)
+    student = create_model("fineclip-tiny")
+    teacher = FrozenTeacher(ensemble_alpha=0.7, crop_size=32)
+    teacher.setup(student)
+    assert teacher.model.image_size == (32, 32)
+    pos = "clip.visual.positional_embedding"
+    assert teacher.model.state_dict()[pos].shape[0] == 1 + 4 * 4 and student.state_dict()[pos].shape[0] == 1 + 8 * 8
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    regions = torch.tensor([[0, 4.0, 4.0, 40.0, 30.0], [1, 10.0, 20.0, 60.0, 60.0]])
+    crops = teacher.features({"images": images, "regions": regions}, frozenset({"crop_emb"}))["crop_emb"]
+    with torch.no_grad():  # the cells cut at the teacher's own size, through the initial weights at 32 px
+        expected = teacher.model.encode_image(teacher.model.crop_regions(student.normalize_pixels(images), regions))
+    torch.testing.assert_close(crops, expected)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    with torch.no_grad():
+        student.clip.visual.positional_embedding.add_(1.0)
+    released = teacher.final_weights(student)
+    torch.testing.assert_close(released[pos], 0.7 * student.state_dict()[pos] + 0.3 * initial[pos])
+    again = FrozenTeacher(ensemble_alpha=0.7, crop_size=32)
+    again.setup(create_model("fineclip-tiny"))
+    again.load_state_dict(teacher.state_dict())  # a resumed run releases the same
+    torch.testing.assert_close(again.final_weights(student)[pos], released[pos])

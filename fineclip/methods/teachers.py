@@ -89,16 +89,27 @@ class FrozenTeacher(Teacher):
 
     With ``ensemble_alpha`` = α the released weights are α·student + (1 − α)·initial (CLIPSelf:
     α = 0.7 for ViT-B/16, 0.95 for ViT-L/14); checkpoints keep the student, for resuming.
+    With ``crop_size`` the copy is the initial model built for that input size (position embeddings resized),
+    so that the crops go through it at, e.g., 224 px while the student trains at 560 (CLIPSelf, DeCLIP).
     """
 
     provides = CROP_FEATURES
 
-    def __init__(self, ensemble_alpha: float | None = None) -> None:
+    def __init__(self, ensemble_alpha: float | None = None, crop_size: int | None = None) -> None:
         self.model: FineCLIPModel | None = None
         self.ensemble_alpha = ensemble_alpha
+        self.crop_size = crop_size
+        self.initial: dict[str, torch.Tensor] | None = None  # the student's initial weights, when the copy differs
 
     def setup(self, model: FineCLIPModel) -> None:
-        self.model = copy.deepcopy(model).eval()
+        if self.crop_size and self.crop_size != model.image_size[0]:
+            from fineclip.models.factory import at_size
+
+            self.model = at_size(model, self.crop_size)
+            if self.ensemble_alpha is not None:
+                self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.model = copy.deepcopy(model).eval()
         self.model.text_cache.clear()
         for param in self.model.parameters():
             param.requires_grad_(False)
@@ -118,13 +129,19 @@ class FrozenTeacher(Teacher):
     def final_weights(self, model: FineCLIPModel) -> dict[str, torch.Tensor] | None:
         if self.ensemble_alpha is None:
             return None
-        return weight_ensemble(model.state_dict(), self.model.state_dict(), self.ensemble_alpha)
+        initial = self.initial if self.initial is not None else self.model.state_dict()
+        return weight_ensemble(model.state_dict(), initial, self.ensemble_alpha)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict()}
+        state = {"model": self.model.state_dict()}
+        if self.initial is not None:
+            state["initial"] = self.initial
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        if self.initial is not None:
+            self.initial = {k: v.clone() for k, v in state["initial"].items()}
 
 
 def ema_momentum(index: int, total_steps: int, start: float) -> float:
