@@ -10,7 +10,10 @@
 5. an EVA02-B-16 file in EVA-CLIP's native layout (random weights, as ``EVA02_CLIP_B_psz16_s8B.pt`` stores them)
    converted at load and evaluated with box_fc at 224 px on generated COCO-panoptic-shaped data: boxes/s;
 6. fineclip.detect's OV-COCO B/16 detector (F-ViT) at 640 px, batch 8, random backbone weights: s/iteration and
-   peak memory of the training step.
+   peak memory of the training step;
+7. method=declip as +experiment=declip_coco_b16 trains: EVA02-B-16 at 560 px, batch 16, CLIPSelf's grid cells
+   (≤ 20 per image), crops at 224 px through the frozen copy, a DINOv2-B/14-reg-sized context teacher at 490 px
+   (random weights): images/s and peak memory.
 
 Each part runs inside a time budget; a part that fails or is cut prints its reason in the table instead
 of stopping the others. On a CPU, ``--models tiny --precision fp32 --no-compile --batch 4`` checks the
@@ -42,8 +45,9 @@ def compose_benchmark(*overrides: str):
         return compose(config_name="benchmark", overrides=list(overrides))
 
 
-def method_row(model: str, method: str, args) -> dict:
-    """A few optimizer steps of ``method`` on ``model`` with random weights, as the trainer builds them."""
+def method_row(model: str, method: str, args, *extra: str, batch: int | None = None, label: str | None = None) -> dict:
+    """A few optimizer steps of ``method`` on ``model`` with random weights, as the trainer builds them
+    (``extra``: more overrides; ``batch``: another batch size)."""
     from hydra.utils import instantiate
 
     from fineclip.benchmark import Step, batch_regions, benchmark_method, sync
@@ -52,9 +56,10 @@ def method_row(model: str, method: str, args) -> dict:
     from fineclip.engine.distributed import resolve_device
     from fineclip.engine.step import resolve_precision
 
-    cfg = compose_benchmark(f"model={model}", f"method={method}", f"batch_size={args.batch}",
+    batch = batch or args.batch
+    cfg = compose_benchmark(f"model={model}", f"method={method}", f"batch_size={batch}",
                             f"regions_per_image={args.regions}", f"trainer.precision={args.precision}",
-                            f"trainer.compile={str(args.compile).lower()}", f"trainer.device={args.device}")
+                            f"trainer.compile={str(args.compile).lower()}", f"trainer.device={args.device}", *extra)
     device = resolve_device(cfg.trainer.device)
     precision = resolve_precision(device, cfg.trainer.precision)
     torch.manual_seed(0)
@@ -68,7 +73,7 @@ def method_row(model: str, method: str, args) -> dict:
                 batch_regions(method_parts.regions))
     size = model_.image_size[0]
     views = method_parts.teacher.dataset_arguments().get("views")
-    batches = [random_batch(args.batch, args.regions, size, i, device, views=views) for i in range(2)]
+    batches = [random_batch(batch, args.regions, size, i, device, views=views) for i in range(2)]
     start = time.perf_counter()
     for i in range(args.warmup):
         step(batches[i % 2])
@@ -85,9 +90,17 @@ def method_row(model: str, method: str, args) -> dict:
     del model_, method_parts, optimizer, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"check": f"method={method}", "model": cfg.model.name, "ok": finite,
+    return {"check": label or f"method={method}", "model": cfg.model.name, "ok": finite,
             "result": f"loss {losses[-1].item():.3f}{'' if finite else ' NOT FINITE'}; warm-up+compile {first:.0f} s",
-            "step_s": seconds, "images_per_s": args.batch / seconds, "peak_gb": peak}
+            "step_s": seconds, "images_per_s": batch / seconds, "peak_gb": peak}
+
+
+def declip_row(args) -> dict:
+    """method=declip in +experiment=declip_coco_b16's setting, with random weights (student and VFM)."""
+    return method_row(args.declip_model, "declip", args, f"model.image_size={args.declip_size}",
+                      f"teacher.crop_size={args.declip_crop}", f"vfm={args.declip_vfm}", "vfm.random_init=true",
+                      batch=args.declip_batch,
+                      label=f"method=declip {args.declip_size} px, vfm={args.declip_vfm}, batch {args.declip_batch}")
 
 
 def run_command(name: str, command: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:
@@ -335,6 +348,11 @@ def main() -> int:
     parser.add_argument("--detect-config", default="ov_coco_b16", help="the +detect= config of the detection row")
     parser.add_argument("--detect-overrides", default="", help="more overrides of the detection row (space-separated)")
     parser.add_argument("--detect-batch", type=int, default=8)
+    parser.add_argument("--declip-model", default="eva02_b16")
+    parser.add_argument("--declip-size", type=int, default=560, help="the student's input size of the declip row")
+    parser.add_argument("--declip-crop", type=int, default=224, help="the frozen copy's crop size of the declip row")
+    parser.add_argument("--declip-vfm", default="dinov2_b14_reg", help="the vfm= config of the declip row")
+    parser.add_argument("--declip-batch", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=450, help="time for all parts; the rest is skipped")
     parser.add_argument("--out", default=None, help="also write the table (markdown) and rows (json) here")
     args = parser.parse_args()
@@ -361,7 +379,7 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"gpu_check on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}",
           flush=True)
-    later = 280  # seconds kept for the benchmark, the captioner, the EVA-CLIP and the detection rows, which run last
+    later = 320  # seconds kept for the benchmark, the captioner, the EVA-CLIP, the detection and the declip rows (last)
     attempt("torchrun", "fineclip-tiny", lambda: torchrun_row(args, min(120, left() - later)), later + 30)
     for method in args.methods.split(","):
         for model in args.models.split(","):
@@ -370,6 +388,7 @@ def main() -> int:
     attempt("BLIP-2 captioner", "blip2-opt-2.7b size", lambda: captioner_row(args), 40)
     attempt("EVA-CLIP layout file, box_fc", args.eva_model, lambda: eva_clip_eval_row(args), 30)
     attempt(f"fineclip.detect {args.detect_config}", "EVA02-B-16", lambda: detect_row(args), 30)
+    attempt("method=declip", args.declip_model, lambda: declip_row(args), 30)
     text = table(rows)
     print(f"\n{text}\n\n{time.perf_counter() - start:.0f} s in all", flush=True)
     if args.out:

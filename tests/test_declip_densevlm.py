@@ -303,3 +303,14 @@ def test_a_frozen_teacher_at_its_own_crop_size_releases_the_ensemble_at_the_stud
     again.setup(create_model("fineclip-tiny"))
     again.load_state_dict(teacher.state_dict())  # a resumed run releases the same
     torch.testing.assert_close(again.final_weights(student)[pos], released[pos])
+
+
+def test_the_gpu_checks_declip_row_runs_on_a_cpu(gpu_check):
+    import argparse
+
+    args = argparse.Namespace(device="cpu", batch=32, regions=4, precision="fp32", compile=False, warmup=1, steps=1,
+                              declip_model="tiny_eva", declip_size=64, declip_crop=32, declip_vfm="tiny",
+                              declip_batch=2)
+    row = gpu_check.declip_row(args)
+    assert row["ok"] and row["check"] == "method=declip 64 px, vfm=tiny, batch 2", row
+    assert row["images_per_s"] > 0
