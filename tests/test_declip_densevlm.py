@@ -160,6 +160,26 @@ def test_the_vfm_loads_a_local_dinov2_format_file_and_is_never_trained_nor_saved
         VisionFoundationTeacher(ARCH)
 
 
+def test_a_sam_teacher_loads_the_original_layout_at_its_native_size_and_gives_its_neck_features(tmp_path):
+    torch.manual_seed(2)
+    sam = {"embed_dim": 48, "depth": 2, "num_heads": 3, "global_attn_indexes": [1], "img_size": 1024}
+    source = timm.create_model("samvit_base_patch16", pretrained=False, **sam).eval()
+    # the original release: the encoder under image_encoder., its MLP layers named lin1/lin2
+    state = {f"image_encoder.{k.replace('mlp.fc', 'mlp.lin')}": v for k, v in source.state_dict().items()}
+    state["prompt_encoder.point_embeddings.0.weight"] = torch.zeros(1, 256)  # dropped at load
+    torch.save(state, tmp_path / "sam_tiny.pth")
+    teacher = VisionFoundationTeacher("samvit_base_patch16", checkpoint=str(tmp_path / "sam_tiny.pth"),
+                                      model_kwargs=sam)
+    teacher.setup(_student())
+    assert teacher.proxy_size == (128, 128)  # 8 x 16: below the encoder's native 1024, resampled at each forward
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    features = teacher.features({"images": images}, frozenset({"vfm_context"}))["vfm_context"]
+    with torch.no_grad():
+        expected = source.forward_features(teacher.proxy_images(images))
+    assert features.shape == (1, 256, 8, 8)
+    torch.testing.assert_close(features, expected)
+
+
 def test_declip_loss_is_content_distillation_plus_weighted_context():
     g = torch.Generator().manual_seed(5)
     region, crops = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)

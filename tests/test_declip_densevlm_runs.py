@@ -20,7 +20,8 @@ from fineclip.models import create_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COMMON = ["data.synthetic.train=32", "data.synthetic.val=8", "trainer.epochs=2", "trainer.checkpoint_every=2",
-          "trainer.progress=false", "trainer.tensorboard=false", "trainer.log_every=1", "optim.scheduler.warmup_steps=2"]
+          "trainer.progress=false", "trainer.tensorboard=false", "trainer.log_every=1",
+          "optim.scheduler.warmup_steps=2"]
 ROWS = {
     "declip": ["method=declip", "vfm=tiny"],
     "densevlm": ["method=densevlm", "teacher.checkpoint=TEACHER"],
