@@ -67,12 +67,13 @@ def loss_terms(loss: dict) -> str:
 
 
 def roles(config: dict) -> str:
-    """"teacher / regions" of a run: "self / boxes", "frozen / grid", "" for configs without roles."""
+    """"teacher / regions" of a run: "self / boxes", "frozen / grid", "frozen + vfm / grid" (an external VFM beside
+    the teacher), "" for configs without roles."""
     teacher = (config.get("teacher") or {}).get("_target_", "")
     regions = config.get("regions") or {}
     if not teacher:
         return ""
-    teacher = teacher.rsplit(".", 1)[-1].removesuffix("Teacher").lower()
+    teacher = teacher.rsplit(".", 1)[-1].removesuffix("Teacher").lower() + (" + vfm" if config.get("vfm") else "")
     source = regions.get("source")  # configs written before region sources had a _target_
     if not source:
         target = regions.get("_target_")

@@ -62,6 +62,8 @@ def test_rows_name_loss_terms_teacher_and_regions():
                   "regions": {"_target_": "fineclip.methods.regions.GridRegions"}}) == "frozen / grid"
     assert roles({"teacher": {"_target_": "fineclip.methods.EMATeacher"}, "regions": {"source": "proposals"}}) == \
         "ema / proposals"
+    assert roles({"teacher": {"_target_": "fineclip.methods.FrozenTeacher"}, "vfm": {"arch": "vit_base_patch14"},
+                  "regions": {"_target_": "fineclip.methods.regions.GridRegions"}}) == "frozen + vfm / grid"
     assert roles({}) == ""
 
 

@@ -135,14 +135,14 @@ class DeCLIPLoss(CompositeLoss):
 
 
 class DenseVLMLoss(CompositeLoss):
-    """L = w_kl·L_vocab (DenseVLM): ``VocabularyDistillation`` from a checkpoint teacher (teacher=checkpoint),
+    """L = w_vocab·L_vocab (DenseVLM): ``VocabularyDistillation`` from a checkpoint teacher (teacher=checkpoint),
     plus w_gc·L_GC (0 by default; composed rows may add it)."""
 
-    def __init__(self, kl_weight: float = 1.0, gc_weight: float = 0.0, vocabulary: str | None = None,
+    def __init__(self, vocab_weight: float = 1.0, gc_weight: float = 0.0, vocabulary: str | None = None,
                  templates: list[str] | None = None, scale: float = 100.0, min_confidence: float = 0.3,
                  thing_count: int | None = None) -> None:
         super().__init__(
             terms={"gc": GlobalContrastive(),
                    "vocab": VocabularyDistillation(vocabulary, templates, scale, min_confidence, thing_count)},
-            weights={"gc": gc_weight, "vocab": kl_weight},
+            weights={"gc": gc_weight, "vocab": vocab_weight},
         )
