@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from fineclip.data.annotations import RegionAnnotations, load_region_annotations
+from fineclip.data.annotations import ImageRecord, RegionAnnotations, load_region_annotations
 from fineclip.data.image_views import ViewRecipe, cut_views
 from fineclip.data.proposals import with_proposals
 from fineclip.errors import ImageLoadError
@@ -256,8 +256,14 @@ class RegionCaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
+        item = self.make_item(record, read_rgb(record.path, record.image_id), index)
+        item.pop("kept")
+        return item
+
+    def make_item(self, record: ImageRecord, original: Image.Image, index: int) -> dict:
+        """The item of ``record`` whose decoded image is ``original``, sampled from (seed, epoch, ``index``);
+        ``kept`` lists the indices of the record's regions it holds."""
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        original = read_rgb(record.path, record.image_id)
         reading = self.reading
         image, scale_x, scale_y = resize_image(original, self.image_size, reading.resize, reading.interpolation)
         keep = np.arange(len(record.boxes))
@@ -281,6 +287,7 @@ class RegionCaptionDataset(Dataset):
             "boxes": boxes,
             "region_captions": [record.region_captions[k] for k in keep],
             "category_ids": torch.from_numpy(record.category_ids[keep]),
+            "kept": keep,
         }
         if self.views is not None:  # drawn from (seed, epoch, image id) alone: the same on any ranks/workers
             item["views"] = cut_views(original, self.views, np.random.default_rng((self.seed, self.epoch,
@@ -299,7 +306,13 @@ def collate_regions(samples: list[dict]) -> dict:
     regions = [
         torch.cat([torch.full((len(s["boxes"]), 1), float(i)), s["boxes"]], dim=1) for i, s in enumerate(samples)
     ]
+    extras = {}
+    if "negatives" in samples[0]:  # per region, its hard-negative captions (shards)
+        extras["region_negatives"] = [n for s in samples for n in s["negatives"]]
+    if "skipped" in samples[0]:  # the unreadable samples that others stood in for (shards), for the loader to count
+        extras["skipped"] = [name for s in samples for name in s["skipped"]]
     return {
+        **extras,
         "image_ids": torch.tensor([s["image_id"] for s in samples]),
         "images": torch.stack([s["image"] for s in samples]),
         "captions": [s["caption"] for s in samples],

@@ -196,7 +196,7 @@ def _build(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> Run:
     accumulate = max(1, int(tcfg.accumulate_steps))
     batches = MapStyleBatches(train_set, cfg.data.batch_size, accumulate, cfg.seed, dist.rank, dist.world_size,
                               num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                              transform=method.regions)
+                              transform=method.regions, max_bad_fraction=cfg.data.get("max_bad_fraction", 0.001))
     total_steps = batches.steps_per_epoch * tcfg.epochs
     optimizer = instantiate(cfg.optim.optimizer, model=model)
     scheduler = instantiate(cfg.optim.scheduler, optimizer=optimizer, total_steps=total_steps)
