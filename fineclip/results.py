@@ -40,6 +40,10 @@ COLUMNS = (  # (key, header, format)
     ("detect/base_ap50", "AP50 base", "{:.1f}"),
     ("detect/all_ap50", "AP50 all", "{:.1f}"),
     ("detect/mask_apr", "mask APr", "{:.1f}"),
+    ("fgovd/hard/top1", "FG hard", "{:.1f}"),
+    ("fgovd/medium/top1", "FG medium", "{:.1f}"),
+    ("fgovd/easy/top1", "FG easy", "{:.1f}"),
+    ("fgovd/trivial/top1", "FG trivial", "{:.1f}"),
     ("epoch_time_s", "time/epoch (s)", "{:.0f}"),
     ("peak_memory_gb", "peak mem (GB)", "{:.2f}"),
 )
