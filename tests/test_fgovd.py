@@ -110,3 +110,13 @@ def test_the_evaluator_reports_each_split_from_the_config(scenes):
     assert metrics["fgovd/protocol"] == "fgovd_synthetic"
     assert all(0 <= metrics[f"fgovd/{s}/top1"] <= 100 for s in ("hard", "medium", "easy", "trivial"))
     assert evaluator.format(metrics)[0].startswith("fine-grained boxes [fgovd_synthetic]: top-1 hard ")
+
+
+def test_the_synthetic_regions_ship_hard_negatives_with_one_attribute_swapped(scenes):
+    data = json.loads((scenes / "val.json").read_text())
+    for ann in data["annotations"]:
+        negatives = ann["negatives"]
+        assert 0 < len(negatives) <= 10 and len(set(negatives)) == len(negatives)
+        for negative in negatives:
+            a, b = ann["caption"].split(), negative.split()
+            assert len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) == 1

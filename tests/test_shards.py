@@ -64,6 +64,8 @@ def test_the_shard_reader_gives_the_folder_readers_items(scenes, shards):
             assert a["image_id"] == b["image_id"] and a["caption"] == b["caption"]
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
             assert a["region_captions"] == b["region_captions"] and b["skipped"] == []
+            assert len(b["negatives"]) == len(b["region_captions"])  # the synthetic regions' hard negatives
+            assert all(len(n) > 0 for n in b["negatives"])
 
 
 def test_a_corrupt_image_is_replaced_by_the_next_sample_and_named(shards, tmp_path):

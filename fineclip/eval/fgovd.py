@@ -21,12 +21,12 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import combinations, product
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from fineclip.data.captions import attribute_swaps as swap_attributes
 from fineclip.data.captions import rule_caption
 from fineclip.data.dataset import read_rgb, resize_image
 from fineclip.errors import AnnotationError
@@ -75,21 +75,10 @@ def read_fgclip_jsonl(path: str | Path, image_root: str | Path) -> list[FGBox]:
 
 
 def attribute_swaps(attributes: Sequence[str], changed: int) -> list[list[str]]:
-    """Every attribute list with exactly ``changed`` of ``attributes`` replaced by another value of the same kind
-    (colour, texture, size), in a fixed order."""
-    from fineclip.data.synthetic import COLOURS, SIZES, TEXTURES
+    """``captions.attribute_swaps`` over the synthetic scenes' colours, textures and sizes."""
+    from fineclip.data.synthetic import ATTRIBUTE_KINDS
 
-    kinds = [tuple(COLOURS), TEXTURES, tuple(SIZES)]
-    kind_of = {value: values for values in kinds for value in values}
-    swaps = []
-    for positions in combinations(range(len(attributes)), changed):
-        options = [[v for v in kind_of[attributes[p]] if v != attributes[p]] for p in positions]
-        for choice in product(*options):
-            swapped = list(attributes)
-            for p, value in zip(positions, choice, strict=True):
-                swapped[p] = value
-            swaps.append(swapped)
-    return swaps
+    return swap_attributes(attributes, changed, ATTRIBUTE_KINDS)
 
 
 def synthetic_fgovd(ann_file: str | Path, image_root: str | Path | None = None, negatives: int = 10,
