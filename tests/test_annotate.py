@@ -286,3 +286,20 @@ def test_a_transformers_detector_from_a_local_folder(tmp_path):
         for p, (x1, y1, x2, y2) in zip(proposals, boxes.tolist(), strict=True):
             assert p.bbox == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=1e-4)
         assert proposals and all(p.source == f"hf:{tmp_path.name}" for p in proposals)
+
+
+def test_out_format_shards_writes_tar_shards_the_shard_reader_reads(tmp_path, synthetic_root):
+    from fineclip.data.shards import ShardedRegionDataset
+
+    out = tmp_path / "regions"
+    report = _run(f"images={synthetic_root / 'train.json'}", f"out={out}", "shard_size=5", "out_format=shards",
+                  "samples_per_tar=10")
+    written = _json(out / "annotations.json")
+    assert report["regions"]["written"] == len(written["annotations"])
+    assert _json(out / "sizes.json") == {"shard-000000.tar": 10, "shard-000001.tar": 10, "shard-000002.tar": 4}
+    dataset = ShardedRegionDataset(out, image_size=32, train=False)
+    assert len(dataset) == len(written["images"]) == 24
+    for i in (0, 13, 23):
+        item = dataset[i]
+        regions = [a for a in written["annotations"] if a["image_id"] == item["image_id"]]
+        assert item["region_captions"] == [a["caption"] for a in regions]

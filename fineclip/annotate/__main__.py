@@ -66,7 +66,16 @@ def run(cfg: DictConfig) -> dict | None:
             print(f"worker {worker[0] + 1}/{worker[1]} done; when every worker is, join the shards with the same "
                   "command and merge_only=true")
             return None
-    report = merge(source, out, cfg.shard_size, info)
+    if cfg.out_format == "shards":  # out is a folder of tar shards (fineclip/data/shards.py), with the json beside
+        from fineclip.data.shards import convert, schema_records
+
+        out.mkdir(parents=True, exist_ok=True)
+        report = merge(source, out, cfg.shard_size, info, target=out / "annotations.json")
+        convert(*schema_records(out / "annotations.json", source.root), out, cfg.samples_per_tar)
+    elif cfg.out_format == "json":
+        report = merge(source, out, cfg.shard_size, info)
+    else:
+        raise ConfigError(f"out_format={cfg.out_format}: use json or shards")
     print(f"wrote {out}\n{format_report(report)}\nreport: {out}.report.json")
     return report
 

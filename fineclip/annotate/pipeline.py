@@ -185,9 +185,9 @@ def run_shards(annotator: Annotator, source: ImageSource, out: Path, shard_size:
     return len(todo)
 
 
-def merge(source: ImageSource, out: Path, shard_size: int, info: dict) -> dict:
-    """Every shard, in order, into ``out`` (the training schema) and ``<out>.report.json``; returns
-    the report. Raises ``FileNotFoundError`` naming the shards not written yet."""
+def merge(source: ImageSource, out: Path, shard_size: int, info: dict, target: Path | None = None) -> dict:
+    """Every shard, in order, into ``out`` (the training schema; ``target`` instead when given) and
+    ``<out>.report.json``; returns the report. Raises ``FileNotFoundError`` naming the shards not written yet."""
     total = (len(source.records) + shard_size - 1) // shard_size
     missing = [s for s in range(total) if not shard_path(out, s).is_file()]
     if missing:
@@ -205,7 +205,7 @@ def merge(source: ImageSource, out: Path, shard_size: int, info: dict) -> dict:
     if any(a["category_id"] == 0 for a in annotations) and all(c["id"] != 0 for c in categories):
         categories.append(dict(PROPOSAL_CATEGORY))
     write_json_atomic({"info": info, "images": images, "annotations": annotations, "categories": categories,
-                       "captions": captions}, out)
+                       "captions": captions}, target or out)
     report = build_report(images, annotations, counts, unreadable, len(source.records))
     write_json_atomic(report, out.parent / f"{out.name}.report.json")
     return report
