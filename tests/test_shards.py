@@ -196,3 +196,19 @@ def test_training_on_shards_two_ranks_equal_one_process_and_a_sigkill_resumes_ex
     assert process.wait(timeout=60) == -signal.SIGKILL
     assert "resuming from" in run(_train_cmd(shards, killed, "trainer.resume=auto"))
     _assert_same_weights(_weights(killed), _weights(tmp_path / "one"))
+
+
+def test_workers_forked_after_the_parent_read_get_their_own_reads(shards):
+    """The parent reads first (its descriptors open), then 2 forked workers read in parallel: every item equals
+    the one read in a single process (a shared file offset would interleave their seeks)."""
+    from torch.utils.data import DataLoader
+
+    dataset = ShardedRegionDataset(shards, image_size=32, train=False)
+    expected = [dataset[i] for i in range(len(dataset))]
+    for _ in range(2):
+        loader = DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collate_regions,
+                            multiprocessing_context="fork")
+        batches = list(loader)
+        images = torch.cat([b["images"] for b in batches])
+        assert torch.equal(images, torch.stack([e["image"] for e in expected]))
+        assert all(not b["skipped"] for b in batches)

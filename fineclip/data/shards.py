@@ -300,24 +300,27 @@ class ShardedRegionDataset(RegionCaptionDataset):
         stats = Counter(images=len(self.index), shards=len(self.index.shards))
         super().__init__(RegionAnnotations(records=[], categories=categories, stats=stats), image_size,
                          train=train, max_regions=max_regions, seed=seed, **reading)
-        self.files: dict[int, object] = {}  # open shard files of this process (each DataLoader worker its own)
+        self.files: dict[int, int] = {}  # open shard descriptors of this process (each DataLoader worker its own)
+        self.files_pid = os.getpid()
         log.info("%s: %d samples in %d shards, index %.1f MB", self.index.folder, len(self.index),
                  len(self.index.shards), self.index.nbytes / 2**20)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getstate__(self) -> dict:  # open files stay in the process that opened them
-        return {**self.__dict__, "files": {}}
+    def __getstate__(self) -> dict:  # open descriptors stay in the process that opened them
+        return {**self.__dict__, "files": {}, "files_pid": None}
 
     def _read(self, index: int, where: tuple[np.ndarray, np.ndarray]) -> bytes:
+        """The bytes of one member by a positional read (``os.pread``: no shared file offset, so DataLoader workers
+        forked after the parent opened a shard cannot move each other's reads)."""
+        if self.files_pid != os.getpid():  # a forked worker opens its own descriptors
+            self.files, self.files_pid = {}, os.getpid()
         shard = int(self.index.shard_of[index])
         if shard not in self.files:
-            self.files[shard] = open(self.index.folder / self.index.shards[shard], "rb")  # noqa: SIM115
+            self.files[shard] = os.open(self.index.folder / self.index.shards[shard], os.O_RDONLY)
         offset, size = int(where[0][index]), int(where[1][index])
-        handle = self.files[shard]
-        handle.seek(offset)
-        data = handle.read(size)
+        data = os.pread(self.files[shard], size, offset)
         if len(data) != size:
             raise SampleError(f"{self.index.shards[shard]}: sample {index} is cut short (a truncated shard)")
         return data
