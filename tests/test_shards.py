@@ -68,16 +68,23 @@ def test_the_shard_reader_gives_the_folder_readers_items(scenes, shards):
             assert all(len(n) > 0 for n in b["negatives"])
 
 
-def test_a_corrupt_image_is_replaced_by_the_next_sample_and_named(shards, tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
+def _copy_with_zeroed_images(shards, out, samples, length=None):
+    """A copy of the shard folder whose ``samples`` have their image bytes (the first ``length`` of them, default all)
+    overwritten with zeros."""
+    out.mkdir()
     for path in shards.iterdir():
-        (broken / path.name).write_bytes(path.read_bytes())
-    index = ShardIndex(broken)
-    offset, size = index.image_at[0][3], index.image_at[1][3]
-    with open(broken / "shard-000000.tar", "r+b") as f:  # overwrite sample 3's image bytes with garbage
-        f.seek(int(offset))
-        f.write(b"\0" * int(size))
+        (out / path.name).write_bytes(path.read_bytes())
+    index = ShardIndex(out)
+    for i in samples:
+        shard = out / index.shards[int(index.shard_of[i])]
+        with open(shard, "r+b") as f:
+            f.seek(int(index.image_at[0][i]))
+            f.write(b"\0" * (length or int(index.image_at[1][i])))
+    return out
+
+
+def test_a_corrupt_image_is_replaced_by_the_next_sample_and_named(shards, tmp_path):
+    broken = _copy_with_zeroed_images(shards, tmp_path / "broken", [3])
     dataset = ShardedRegionDataset(broken, image_size=32, train=False)
     item = dataset[3]
     assert item["image_id"] == dataset[4]["image_id"]  # sample 4 stands in for 3
@@ -87,10 +94,7 @@ def test_a_corrupt_image_is_replaced_by_the_next_sample_and_named(shards, tmp_pa
 
 
 def test_a_truncated_shard_skips_what_is_cut_and_a_missing_sizes_file_is_an_error(shards, tmp_path):
-    cut = tmp_path / "cut"
-    cut.mkdir()
-    for path in shards.iterdir():
-        (cut / path.name).write_bytes(path.read_bytes())
+    cut = _copy_with_zeroed_images(shards, tmp_path / "cut", [])
     last = cut / "shard-000002.tar"
     index = ShardIndex(cut)
     last.write_bytes(last.read_bytes()[: int(index.image_at[0][22]) + 10])  # samples 22 and 23 cut
@@ -108,15 +112,7 @@ def test_a_truncated_shard_skips_what_is_cut_and_a_missing_sizes_file_is_an_erro
 
 
 def test_the_loader_counts_skips_and_stops_past_the_allowed_fraction(shards, tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for path in shards.iterdir():
-        (broken / path.name).write_bytes(path.read_bytes())
-    index = ShardIndex(broken)
-    with open(broken / "shard-000001.tar", "r+b") as f:
-        for i in (11, 12):
-            f.seek(int(index.image_at[0][i]))
-            f.write(b"\0" * 64)
+    broken = _copy_with_zeroed_images(shards, tmp_path / "broken", [11, 12], length=64)
     dataset = ShardedRegionDataset(broken, image_size=32)
     tolerant = MapStyleBatches(dataset, batch_size=4, max_bad_fraction=0.1)  # 2 of 24 allowed
     tolerant.set_position(0, 0)
