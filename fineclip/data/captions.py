@@ -24,3 +24,11 @@ def attribute_swaps(attributes: Sequence[str], changed: int, kinds: Sequence[Seq
                 swapped[p] = value
             swaps.append(swapped)
     return swaps
+
+
+def hard_negatives(name: str, attributes: Sequence[str], kinds: Sequence[Sequence[str]], rng,
+                   count: int = 10) -> list[str]:
+    """Up to ``count`` rule captions of a region with one of its attributes swapped within its kind ("a large striped
+    blue circle" for "a large striped red circle"), drawn by ``rng`` (a ``random.Random``)."""
+    options = [rule_caption(name, swapped) for swapped in attribute_swaps(attributes, 1, kinds)]
+    return rng.sample(options, min(count, len(options)))

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from fineclip.data.captions import attribute_swaps, rule_caption
+from fineclip.data.captions import hard_negatives, rule_caption
 
 VERSION = 8  # bump when the output for a given seed changes
 SHAPES = (
@@ -56,7 +56,6 @@ TEXTURES = ("solid", "striped", "dotted")
 SIZES = {"small": (0.28, 0.36), "medium": (0.38, 0.46), "large": (0.48, 0.58)}
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 ATTRIBUTE_KINDS = (tuple(COLOURS), TEXTURES, tuple(SIZES))  # what a hard negative swaps an attribute within
-NEGATIVES = 10  # hard-negative captions per region
 # What an object's category is. Shapes are the task of every synthetic table; a colour is visible in
 # each 8-px patch, so a tiny model's dense tokens learn colours in a minute but shapes hardly at all.
 CLASSES = {"shape": SHAPES, "colour": tuple(COLOURS)}
@@ -253,13 +252,6 @@ def encode_mask(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def hard_negatives(shape: str, details: list[str], rng: random.Random, count: int = NEGATIVES) -> list[str]:
-    """Up to ``count`` captions of the region with one of its attributes swapped within its kind ("a large striped
-    blue circle" for "a large striped red circle"), drawn by ``rng`` (its own, so the scenes do not change)."""
-    options = [rule_caption(shape, swapped) for swapped in attribute_swaps(details, 1, ATTRIBUTE_KINDS)]
-    return rng.sample(options, min(count, len(options)))
-
-
 def write_split(out: Path, split: str, count: int, size: int, seed: int, classes: str = "shape") -> Path:
     """Render ``count`` scenes into ``out/split/`` and their annotations into ``out/split.json``; each
     object's category is its ``classes`` attribute ("shape" or "colour"). The scenes and captions do
@@ -295,8 +287,8 @@ def write_split(out: Path, split: str, count: int, size: int, seed: int, classes
                     "iscrowd": 0,
                     "caption": rule_caption(obj.shape, details),
                     "attributes": details,
-                    "negatives": hard_negatives(obj.shape, details, random.Random(f"{seed}-{split}-{image_id}-"
-                                                                                  f"{len(annotations)}")),
+                    "negatives": hard_negatives(obj.shape, details, ATTRIBUTE_KINDS,  # their own random stream
+                                                random.Random(f"{seed}-{split}-{image_id}-{len(annotations)}")),
                 }
             )
     ann_path = out / f"{split}.json"
