@@ -13,7 +13,10 @@
    peak memory of the training step;
 7. method=declip as +experiment=declip_coco_b16 trains: EVA02-B-16 at 560 px, batch 16, CLIPSelf's grid cells
    (≤ 20 per image), crops at 224 px through the frozen copy, a DINOv2-B/14-reg-sized context teacher at 490 px
-   (random weights): images/s and peak memory.
+   (random weights): images/s and peak memory;
+8. the shard reader (``data=shards``) with 16 workers feeding bf16 EVA02-B-16 fineclip steps at 224 px, batch 32:
+   samples/s of the loader alone, of the step alone (one batch again and again) and of both together — is the
+   loader the bottleneck?
 
 Each part runs inside a time budget; a part that fails or is cut prints its reason in the table instead
 of stopping the others. On a CPU, ``--models tiny --precision fp32 --no-compile --batch 4`` checks the
@@ -93,6 +96,62 @@ def method_row(model: str, method: str, args, *extra: str, batch: int | None = N
     return {"check": label or f"method={method}", "model": cfg.model.name, "ok": finite,
             "result": f"loss {losses[-1].item():.3f}{'' if finite else ' NOT FINITE'}; warm-up+compile {first:.0f} s",
             "step_s": seconds, "images_per_s": batch / seconds, "peak_gb": peak}
+
+
+def shard_loader_row(args) -> dict:
+    """The shard reader with ``args.loader_workers`` workers feeding ``args.benchmark_model`` fineclip steps."""
+    from hydra.utils import instantiate
+
+    from fineclip.benchmark import Step, benchmark_method, sync
+    from fineclip.data.loader import MapStyleBatches
+    from fineclip.data.shards import ShardedRegionDataset, convert, schema_records
+    from fineclip.data.synthetic import generate
+    from fineclip.engine.build import freeze_unused_parameters
+    from fineclip.engine.distributed import resolve_device
+    from fineclip.engine.step import resolve_precision
+
+    cfg = compose_benchmark(f"model={args.benchmark_model}", "method=fineclip", f"batch_size={args.batch}",
+                            f"trainer.precision={args.precision}", f"trainer.device={args.device}")
+    device = resolve_device(cfg.trainer.device)
+    precision = resolve_precision(device, cfg.trainer.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        scenes = generate(Path(tmp) / "scenes", train=args.loader_images, val=0, size=args.loader_size, seed=0)
+        convert(*schema_records(scenes / "train.json"), Path(tmp) / "shards", per_shard=1000)
+        torch.manual_seed(0)
+        method = benchmark_method(cfg, device)
+        dataset = ShardedRegionDataset(Path(tmp) / "shards", image_size=method.model.image_size[0])
+        freeze_unused_parameters(method.model, method.loss_fn, precision, method.teacher)
+        step = Step(method.model, method.loss_fn, instantiate(cfg.optim.optimizer, model=method.model), device,
+                    precision, method.teacher)
+
+        def epoch(run_step: bool) -> float:
+            batches = MapStyleBatches(dataset, args.batch, num_workers=args.loader_workers,
+                                      pin_memory=device.type == "cuda")
+            batches.set_position(0, 0)
+            start, count = time.perf_counter(), 0
+            for group in batches:
+                count += len(group[0]["images"])
+                if run_step:
+                    step(group[0])
+            sync(device)
+            return count / (time.perf_counter() - start)
+
+        loader_rate = epoch(run_step=False)
+        fixed = next(iter(MapStyleBatches(dataset, args.batch)))[0]
+        for _ in range(2):  # warm-up: text cache, cuDNN
+            step(fixed)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(fixed)
+        sync(device)
+        step_rate = args.batch * args.steps / (time.perf_counter() - start)
+        both = epoch(run_step=True)
+    bound = "the loader" if loader_rate < step_rate else "the step"
+    return {"check": f"shard loader, {args.loader_workers} workers", "model": cfg.model.name, "ok": True,
+            "result": f"loader alone {loader_rate:.0f}, step alone {step_rate:.0f}, together {both:.0f} samples/s "
+                      f"({args.loader_images} scenes of {args.loader_size} px): {bound} bounds it",
+            "step_s": args.batch / both, "images_per_s": both, "peak_gb": None}
 
 
 def declip_row(args) -> dict:
@@ -353,6 +412,9 @@ def main() -> int:
     parser.add_argument("--declip-crop", type=int, default=224, help="the frozen copy's crop size of the declip row")
     parser.add_argument("--declip-vfm", default="dinov2_b14_reg", help="the vfm= config of the declip row")
     parser.add_argument("--declip-batch", type=int, default=16)
+    parser.add_argument("--loader-workers", type=int, default=16)
+    parser.add_argument("--loader-images", type=int, default=1024, help="synthetic scenes of the shard-loader row")
+    parser.add_argument("--loader-size", type=int, default=320)
     parser.add_argument("--budget-s", type=float, default=450, help="time for all parts; the rest is skipped")
     parser.add_argument("--out", default=None, help="also write the table (markdown) and rows (json) here")
     args = parser.parse_args()
@@ -389,6 +451,7 @@ def main() -> int:
     attempt("EVA-CLIP layout file, box_fc", args.eva_model, lambda: eva_clip_eval_row(args), 30)
     attempt(f"fineclip.detect {args.detect_config}", "EVA02-B-16", lambda: detect_row(args), 30)
     attempt("method=declip", args.declip_model, lambda: declip_row(args), 30)
+    attempt("shard loader", args.benchmark_model, lambda: shard_loader_row(args), 30)
     text = table(rows)
     print(f"\n{text}\n\n{time.perf_counter() - start:.0f} s in all", flush=True)
     if args.out:

@@ -208,3 +208,13 @@ def test_workers_forked_after_the_parent_read_get_their_own_reads(shards):
         images = torch.cat([b["images"] for b in batches])
         assert torch.equal(images, torch.stack([e["image"] for e in expected]))
         assert all(not b["skipped"] for b in batches)
+
+
+def test_the_gpu_checks_shard_loader_row_runs_on_a_cpu(gpu_check):
+    import argparse
+
+    args = argparse.Namespace(device="cpu", batch=4, precision="fp32", steps=1, benchmark_model="tiny",
+                              loader_workers=1, loader_images=16, loader_size=64)
+    row = gpu_check.shard_loader_row(args)
+    assert row["ok"] and row["check"] == "shard loader, 1 workers" and "bounds it" in row["result"], row
+    assert row["images_per_s"] > 0
