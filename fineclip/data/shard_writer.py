@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from fineclip.data.annotations import read_annotation_json
+from fineclip.data.convert_coco import write_json_atomic
 from fineclip.errors import AnnotationError
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,8 @@ class ShardWriter:
     def close(self) -> None:
         if self.tar is not None:
             self._finish()
-        write_json(self.out / "sizes.json", self.sizes)
-        write_json(self.out / "categories.json", {str(k): v for k, v in sorted(self.categories.items())})
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False))
-    os.replace(tmp, path)
+        write_json_atomic(self.sizes, self.out / "sizes.json")
+        write_json_atomic({str(k): v for k, v in sorted(self.categories.items())}, self.out / "categories.json")
 
 
 def write_index(shard: Path) -> int:
@@ -107,7 +102,7 @@ def write_index(shard: Path) -> int:
         log.warning("%s: %d keys without both an image and a record are left out", shard.name,
                     len(members) - len(keys))
     index = {"keys": keys, "image": [members[k]["image"] for k in keys], "record": [members[k]["record"] for k in keys]}
-    write_json(shard.with_name(shard.name.removesuffix(".tar") + ".idx.json"), index)
+    write_json_atomic(index, shard.with_name(shard.name.removesuffix(".tar") + ".idx.json"))
     return len(keys)
 
 
@@ -118,7 +113,7 @@ def reindex(folder: str | Path) -> dict[str, int]:
     if not shards:
         raise AnnotationError(f"{folder}: no shard-*.tar files")
     sizes = {shard.name: write_index(shard) for shard in shards}
-    write_json(folder / "sizes.json", sizes)
+    write_json_atomic(sizes, folder / "sizes.json")
     return sizes
 
 
